@@ -1,0 +1,140 @@
+// Definitions shared by every backend (CPU, CUDA, CUDA emulation) and mirrored by the TypeScript reference
+// (runtime/reference/): the kernel argument block, the packed layout of q, the dropout hash and scalar
+// fp16/bf16 conversions. Anything that must agree bit for bit across backends lives here, once.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(QALORA_EMU)
+#define QL_HD __host__ __device__ __forceinline__
+#else
+#define QL_HD inline
+#endif
+
+namespace qalora {
+
+// One layer call. Pointers are to the backend's memory (host for cpu, device for cuda/emu kernels; the
+// cuda/emu host entry points take host pointers and stage them).
+struct LayerArgs {
+  const uint32_t* qweight;  // [out, words_per_row(in, bits)]  packed q, layout below
+  const float* alpha;       // [out, in/g]
+  const float* beta;        // [out, in/g]
+  const float* lora_a;      // [rank, in/g]   (may be null when rank == 0)
+  const float* lora_b;      // [out, rank]
+  int64_t m;                // rows of x
+  int64_t in;               // input features
+  int64_t out;              // output features
+  int64_t rank;             // 0: no adapter
+  float scale;              // s = alpha / rank
+  float pool_scale;         // c: p = c * sum_{i in group} x_i   (mean 1/g, sum 1, peft (in/g)/g)
+  float dropout;            // probability of dropping, applied only when training != 0
+  int32_t training;
+  uint64_t seed;            // dropout stream
+};
+
+// ---- Packed layout 'blocked32' -------------------------------------------------------------------------
+// Each row of W is split into blocks of 32 inputs (the last block zero-padded); a block takes exactly `bits`
+// u32 words, so a row takes words_per_row = ceil(in/32) * bits words and nothing is wasted, 3-bit included.
+//  bits 2, 4, 8: word j of a block holds inputs [j*(32/bits), (j+1)*(32/bits)), input i at bit (i % (32/bits))*bits.
+//  bits 3:       words 0 and 1 hold the low 2 bits of inputs 0..15 and 16..31 (2-bit packed as above),
+//                word 2 holds bit 2 of input i at bit i.
+QL_HD int64_t words_per_row(int64_t in, int bits) { return ((in + 31) / 32) * bits; }
+
+QL_HD uint32_t unpack_q(const uint32_t* row, int64_t i, int bits) {
+  const uint32_t* blk = row + (i >> 5) * bits;
+  const int j = (int)(i & 31);
+  if (bits == 3) {
+    uint32_t lo = (blk[j >> 4] >> ((j & 15) * 2)) & 3u;
+    uint32_t hi = (blk[2] >> j) & 1u;
+    return lo | (hi << 2);
+  }
+  const int per = 32 / bits;
+  return (blk[j / per] >> ((j % per) * bits)) & ((1u << bits) - 1u);
+}
+
+// Callers zero the row first.
+QL_HD void pack_q(uint32_t* row, int64_t i, int bits, uint32_t q) {
+  uint32_t* blk = row + (i >> 5) * bits;
+  const int j = (int)(i & 31);
+  if (bits == 3) {
+    blk[j >> 4] |= (q & 3u) << ((j & 15) * 2);
+    blk[2] |= ((q >> 2) & 1u) << j;
+    return;
+  }
+  const int per = 32 / bits;
+  blk[j / per] |= (q & ((1u << bits) - 1u)) << ((j % per) * bits);
+}
+
+// ---- Quantization (min-max, round to nearest even, fp32 arithmetic) ---------------------------------------
+//   beta = min, alpha = (max - min) / qmax (alpha = 1 when max == min), q = clamp(rint((w - beta) / alpha)).
+// Done in float32 step by step so every backend and the reference agree bit for bit.
+
+// ---- Dropout --------------------------------------------------------------------------------------------
+// keep(seed, index) with index = row * width + column of the tensor dropout applies to: the pooled p [m, in/g]
+// for 'mean' and 'sum' (dropout after pooling, as the reference code), x [m, in] for 'peft' (before pooling).
+// Kept values are scaled by 1/(1 - p).
+QL_HD uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+QL_HD bool dropout_keep(uint64_t seed, uint64_t index, float p) {
+  const uint64_t u = splitmix64(seed ^ splitmix64(index));
+  return (float)(u >> 40) * (1.0f / 16777216.0f) >= p;
+}
+
+// ---- fp16 / bf16 storage (raw uint16 bits; round to nearest even on store) --------------------------------
+QL_HD float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+QL_HD uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+QL_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; exp--; }
+      u = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+QL_HD uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00);              // NaN
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);             // overflow (incl. rounding up) -> inf
+  if (a < 0x38800000u) {                                              // subnormal or zero in fp16
+    if (a < 0x33000000u) return (uint16_t)sign;                       // below half the smallest subnormal
+    const uint32_t shift = 126 - (a >> 23);                           // 14..24
+    uint32_t man = (a & 0x7fffffu) | 0x800000u;
+    uint32_t r = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = a + 0x0fffu + ((a >> 13) & 1u) - (112u << 23);
+  return (uint16_t)(sign | (r >> 13));
+}
+
+}  // namespace qalora
