@@ -4,7 +4,7 @@ import { Command } from 'commander';
 import { readFileSync } from 'node:fs';
 
 const commands = [
-  'compile', 'build', 'inspect', 'exec',
+  'check', 'compile', 'build', 'inspect', 'exec',
   'generate', 'quantize', 'train', 'eval', 'merge', 'export', 'demo', 'serve',
 ] as const;
 

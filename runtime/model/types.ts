@@ -2,18 +2,10 @@
 // Loaders (runtime/formats/) produce LlamaWeights; runtime/model/ runs them; train/, merge, export/ and serve/
 // build on the LlamaModel interface below.
 
-import type { QaloraSettings } from '../../dsl/resolved.ts';
+import type { ModelShape, QaloraSettings } from '../../dsl/resolved.ts';
 
-export interface LlamaConfig {
-  dim: number;
-  hidden: number;
-  layers: number;
-  heads: number;
-  kvHeads: number;
-  vocab: number;
-  context: number;
-  ropeTheta: number;
-  normEps: number;
+/** The shape a spec describes, plus what only a checkpoint knows. */
+export interface LlamaConfig extends ModelShape {
   /** Classifier shares the token embedding. */
   tiedClassifier: boolean;
 }

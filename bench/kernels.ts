@@ -1,0 +1,118 @@
+// `npm run bench`: the CPU QA-LoRA kernels on LLaMA-7B layer shapes, against rooflines measured in the same
+// run. M = 1 (decode) is bandwidth-bound: effective GB/s = bytes of q, α, β read ÷ time, compared with a
+// read-bandwidth probe. M = 512 (training/prefill) is compute-bound: GFLOP/s compared with an fp32 GEMM of the
+// same shape through the same engine (dense W already in fp32: the best the dequantizing GEMM could do).
+// Options: QALORA_BENCH_QUICK=1 runs one shape; QALORA_THREADS sets the thread count.
+import type { ResolvedLayer, ResolvedSpec } from '../dsl/resolved.ts';
+import { poolScale } from '../dsl/resolved.ts';
+import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
+import { wordsPerRow } from '../runtime/reference/numeric.ts';
+
+interface Line {
+  name: string;
+  bits: 2 | 3 | 4;
+  in: number;
+  out: number;
+}
+
+const GROUP = 32;
+const RANK = 64;
+const lines: Line[] = [
+  { name: 'q/k/v/o 4096→4096', bits: 4, in: 4096, out: 4096 },
+  { name: 'gate/up 4096→11008', bits: 4, in: 4096, out: 11008 },
+  { name: 'down 11008→4096', bits: 4, in: 11008, out: 4096 },
+  { name: 'gate/up 4096→11008', bits: 3, in: 4096, out: 11008 },
+  { name: 'gate/up 4096→11008', bits: 2, in: 4096, out: 11008 },
+];
+const quick = process.env.QALORA_BENCH_QUICK === '1';
+
+function layer(bits: Line['bits']): ResolvedLayer {
+  return {
+    name: `b${bits}`, bits, group: GROUP, rank: RANK, alpha: 16, dropout: 0, pool: 'mean', dtype: 'fp32',
+    inFeatures: 4096, outFeatures: 4096, count: 1,
+  };
+}
+
+function random(n: number, scale: number, seed: number): Float32Array {
+  const a = new Float32Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    a[i] = (s / 2 ** 32 - 0.5) * scale;
+  }
+  return a;
+}
+
+/** Median wall seconds of `reps` runs after one warm-up, and the CPU seconds (all threads) one run consumed:
+ * on a shared machine wall time includes waiting for a core, CPU time does not. */
+function time(reps: number, fn: () => void): { wall: number; cpu: number } {
+  fn();
+  const t: number[] = [];
+  const c0 = process.cpuUsage();
+  for (let i = 0; i < reps; i++) {
+    const t0 = process.hrtime.bigint();
+    fn();
+    t.push(Number(process.hrtime.bigint() - t0) / 1e9);
+  }
+  const c = process.cpuUsage(c0);
+  return { wall: t.sort((a, b) => a - b)[Math.floor(t.length / 2)], cpu: (c.user + c.system) / 1e6 / reps };
+}
+
+const fmt = (v: number, d = 1) => v.toFixed(d).padStart(7);
+
+async function main() {
+  const bitsUsed = [...new Set(lines.map((l) => l.bits))];
+  const spec: ResolvedSpec = {
+    name: 'bench-kernels', file: '<bench>', layers: bitsUsed.map(layer), targets: { cpu: true, cuda: null },
+  };
+  const k = await loadKernels(spec, { jobs: 2 });
+  const threads = k.core.cpu_threads() as number;
+  const bandwidth = k.core.cpu_read_bandwidth(1 << 30, 5) as number;
+  console.log(`CPU kernels, ${threads} threads; read bandwidth probe: ${bandwidth.toFixed(1)} GB/s (1 GiB, best of 5)`);
+  console.log('group 32, rank 64 adapter (mean pooling) included in every forward; fp32 activations\n');
+  console.log(
+    'layer                 bits     M |  forward ms    GB/s  %roofline  GFLOP/s  per-core | fp32 GEMM ms  GFLOP/s  per-core  ratio | backward ms  GFLOP/s',
+  );
+  for (const line of quick ? lines.slice(0, 1) : lines) {
+    const kernels: KernelSet = k.kernels.cpu![`b${line.bits}_g${GROUP}_fp32_mean`];
+    const L = line.in / GROUP;
+    const w = random(line.out * line.in, 0.1, 1);
+    const qweight = new Uint32Array(line.out * wordsPerRow(line.in, line.bits));
+    const alpha = new Float32Array(line.out * L);
+    const beta = new Float32Array(line.out * L);
+    kernels.quantize(w, line.out, line.in, qweight, alpha, beta);
+    const weightBytes = qweight.byteLength + alpha.byteLength + beta.byteLength;
+    for (const m of [1, 512]) {
+      const args: LayerCallArgs = {
+        qweight, alpha, beta, loraA: random(RANK * L, 0.1, 2), loraB: random(line.out * RANK, 0.1, 3),
+        m, in: line.in, out: line.out, rank: RANK, scale: 16 / RANK, poolScale: poolScale('mean', GROUP, line.in),
+        dropout: 0, training: false, seed: 1,
+      };
+      const x = random(m * line.in, 1, 4);
+      const y = new Float32Array(m * line.out);
+      const flops = 2 * m * line.in * line.out;
+      const tf = time(m === 1 ? 30 : 3, () => kernels.forward(args, x, y));
+      const perCore = (t: { cpu: number }) => fmt(flops / t.cpu / 1e9);
+      let row = `${line.name.padEnd(20)} ${String(line.bits).padStart(4)} ${String(m).padStart(5)} | ${fmt(tf.wall * 1e3, 2)}    `;
+      if (m === 1) {
+        const gbs = weightBytes / tf.wall / 1e9;
+        row += `${fmt(gbs)}  ${fmt((100 * gbs) / bandwidth)}%  ${fmt(flops / tf.wall / 1e9)}   ${perCore(tf)} |`;
+        console.log(row);
+        continue;
+      }
+      const tg = time(3, () => k.core.cpu_matmul_nt(x, w, y, m, line.out, line.in));
+      const dy = random(m * line.out, 1, 5);
+      const dx = new Float32Array(m * line.in);
+      const gradA = new Float32Array(RANK * L);
+      const gradB = new Float32Array(line.out * RANK);
+      const tb = time(2, () => kernels.backward(args, x, dy, dx, gradA, gradB));
+      row += `      -          -  ${fmt(flops / tf.wall / 1e9)}   ${perCore(tf)} | ${fmt(tg.wall * 1e3, 1)}     ${fmt(flops / tg.wall / 1e9)}   ${perCore(tg)}  ${fmt(tg.wall / tf.wall, 2)} | ${fmt(tb.wall * 1e3, 1)}    ${fmt(flops / tb.wall / 1e9)}`;
+      console.log(row);
+    }
+  }
+  console.log('\nGB/s counts q, α and β once per forward; ratio = fp32 GEMM time ÷ forward time (1.00 = as fast as fp32).');
+  console.log('per-core = GFLOP per CPU-second consumed (all threads): comparable across runs even on a busy machine.');
+  console.log('backward GFLOP/s counts the dx = dy·Ŵ GEMM only; the adapter products come on top.');
+}
+
+await main();

@@ -1,0 +1,139 @@
+// Stage 3: the typed TypeScript face of a generated addon (generated/<spec>/bindings.ts), emitted with ts-morph
+// from the same plan and op descriptors the addon's C++ wrappers come from, so the types cannot drift from
+// what the addon checks at run time.
+import type { KernelPlan, Specialization } from './ir.ts';
+import { tsType, type OpDescriptor } from './ops.ts';
+
+export interface BindingsInput {
+  plan: KernelPlan;
+  ops: OpDescriptor[];
+  /** Backends whose sources were rendered. */
+  backends: string[];
+  /** File name of the built addon, relative to the bindings' folder. */
+  addonFile: string;
+}
+
+const activationType = (s: Specialization) => (s.dtype === 'fp32' ? 'Float32Array' : 'Uint16Array');
+
+const LAYER_ARGS_DOC =
+  'One layer call; sizes are checked by the addon. loraA [rank, in/g] and loraB [out, rank] are required when rank > 0.';
+
+export async function emitBindings(input: BindingsInput): Promise<string> {
+  const { Project, VariableDeclarationKind } = await import('ts-morph');
+  const { plan, ops, backends } = input;
+  const project = new Project({ useInMemoryFileSystem: true });
+  const file = project.createSourceFile('bindings.ts', '');
+
+  file.addImportDeclarations([
+    { moduleSpecifier: 'node:os', namedImports: ['constants'] },
+    { moduleSpecifier: 'node:path', namedImports: ['dirname', 'join'] },
+    { moduleSpecifier: 'node:url', namedImports: ['fileURLToPath'] },
+  ]);
+
+  file.addTypeAlias({ name: 'Backend', isExported: true, type: `'cpu' | 'cuda' | 'emu'` });
+  file.addInterface({
+    name: 'LayerCallArgs',
+    isExported: true,
+    docs: [LAYER_ARGS_DOC],
+    properties: [
+      { name: 'qweight', type: 'Uint32Array' },
+      { name: 'alpha', type: 'Float32Array' },
+      { name: 'beta', type: 'Float32Array' },
+      { name: 'loraA', type: 'Float32Array', hasQuestionToken: true },
+      { name: 'loraB', type: 'Float32Array', hasQuestionToken: true },
+      ...['m', 'in', 'out', 'rank', 'scale', 'poolScale', 'dropout'].map((name) => ({ name, type: 'number' })),
+      { name: 'training', type: 'boolean' },
+      { name: 'seed', type: 'number | bigint' },
+    ],
+  });
+  file.addInterface({
+    name: 'KernelSet',
+    isExported: true,
+    docs: ['The entry points of one specialization on one backend; A is the activation storage (fp16/bf16 as raw bits).'],
+    typeParameters: [{ name: 'A', constraint: 'Float32Array | Uint16Array' }],
+    properties: [
+      { name: 'bits', type: 'number', isReadonly: true },
+      { name: 'group', type: 'number', isReadonly: true },
+    ],
+    methods: [
+      { name: 'quantize', parameters: [p('w', 'Float32Array'), p('out', 'number'), p('inFeatures', 'number'), p('qweight', 'Uint32Array'), p('alpha', 'Float32Array'), p('beta', 'Float32Array')], returnType: 'void' },
+      { name: 'dequantize', parameters: [p('qweight', 'Uint32Array'), p('alpha', 'Float32Array'), p('beta', 'Float32Array'), p('out', 'number'), p('inFeatures', 'number'), p('w', 'Float32Array')], returnType: 'void' },
+      { name: 'forward', parameters: [p('args', 'LayerCallArgs'), p('x', 'A'), p('y', 'A')], returnType: 'void' },
+      { name: 'backward', parameters: [p('args', 'LayerCallArgs'), p('x', 'A'), p('dy', 'A'), p('dx', 'A'), p('gradA', 'Float32Array'), p('gradB', 'Float32Array')], returnType: 'void' },
+      { name: 'merge', parameters: [p('args', 'LayerCallArgs'), p('betaOut', 'Float32Array')], returnType: 'void' },
+    ],
+  });
+
+  const kernelSets = (name: string, specs: Specialization[]) =>
+    file.addInterface({
+      name,
+      isExported: true,
+      properties: specs.map((s) => ({ name: s.id, type: `KernelSet<${activationType(s)}>`, docs: [`bits ${s.bits}, group ${s.group}, ${s.dtype}, pool ${s.pool}; layers: ${s.layers.join(', ')}`] })),
+    });
+  kernelSets('CpuKernels', plan.specializations.filter((s) => s.cpu));
+  kernelSets('CudaKernels', plan.specializations.filter((s) => s.cuda));
+  file.addInterface({
+    name: 'Kernels',
+    isExported: true,
+    docs: ['Only the backends this addon was built with are present; see Addon.backends().'],
+    properties: [
+      { name: 'cpu', type: 'CpuKernels', hasQuestionToken: true },
+      { name: 'cuda', type: 'CudaKernels', hasQuestionToken: true },
+      { name: 'emu', type: 'CudaKernels', hasQuestionToken: true },
+    ],
+  });
+  file.addInterface({
+    name: 'CoreOps',
+    isExported: true,
+    methods: ops.map((op) => ({
+      name: op.name,
+      docs: [`${op.doc ? op.doc + ' ' : ''}(${op.cpp}, ${op.source})`],
+      parameters: op.args.map((a) => p(a.name, tsType(a))),
+      returnType: op.returns === 'f64' ? 'number' : 'void',
+    })),
+  });
+  file.addInterface({
+    name: 'Addon',
+    isExported: true,
+    properties: [
+      { name: 'kernels', type: 'Kernels' },
+      { name: 'core', type: 'CoreOps' },
+      { name: 'specName', type: 'string' },
+      { name: 'specHash', type: 'string' },
+      { name: 'compilerVersion', type: 'string' },
+    ],
+    methods: [
+      { name: 'backends', returnType: 'Backend[]' },
+      { name: 'cudaStatus', docs: ['"ok: <device>, sm_XY" or "unavailable: <reason>"; never throws.'], returnType: 'string' },
+    ],
+  });
+
+  const ids = (specs: Specialization[]) => `[${specs.map((s) => `'${s.id}'`).join(', ')}] as const`;
+  file.addVariableStatements([
+    { isExported: true, declarationKind: VariableDeclarationKind.Const, declarations: [{ name: 'specName', initializer: `'${plan.spec.name}'` }] },
+    { isExported: true, declarationKind: VariableDeclarationKind.Const, declarations: [{ name: 'specHash', initializer: `'${plan.specHash}'` }] },
+    { isExported: true, declarationKind: VariableDeclarationKind.Const, docs: ['Backends whose sources were rendered (cuda also needs nvcc at build time).'], declarations: [{ name: 'renderedBackends', initializer: `[${backends.map((b) => `'${b}'`).join(', ')}] as const` }] },
+    { isExported: true, declarationKind: VariableDeclarationKind.Const, declarations: [{ name: 'specializationIds', initializer: ids(plan.specializations) }] },
+    { isExported: true, declarationKind: VariableDeclarationKind.Const, declarations: [{ name: 'layerSpecializations', initializer: `{ ${plan.layers.map((l) => `${JSON.stringify(l.name)}: '${l.specialization}'`).join(', ')} } as const` }] },
+    { isExported: true, declarationKind: VariableDeclarationKind.Const, declarations: [{ name: 'addonPath', initializer: `join(dirname(fileURLToPath(import.meta.url)), ${JSON.stringify(input.addonFile)})` }] },
+  ]);
+  file.addFunction({
+    name: 'loadAddon',
+    isExported: true,
+    docs: ['Loads the built addon; RTLD_NOW so a missing kernel symbol fails here, not at the first call.'],
+    parameters: [{ name: 'path', initializer: 'addonPath' }],
+    returnType: 'Addon',
+    statements: [
+      'const module = { exports: {} as Addon };',
+      'process.dlopen(module, path, constants.dlopen.RTLD_NOW);',
+      'return module.exports;',
+    ],
+  });
+  file.formatText({ indentSize: 2 });
+  const banner = `// Generated by qalora ${plan.compilerVersion} for spec '${plan.spec.name}' (${plan.specHash.slice(0, 12)}). Do not edit.\n`;
+  return banner + file.getFullText();
+}
+
+function p(name: string, type: string) {
+  return { name, type };
+}

@@ -1,0 +1,66 @@
+// What a spec gets when it does not say. QA-LoRA settings follow the paper's reference code (4-bit, group 32,
+// rank 64, alpha 16, dropout 0.05, mean pooling), except the activation dtype: fp32, the one every backend
+// runs and the one the reference checks bit-for-bit; ask for fp16/bf16 explicitly. specs/README.md lists these.
+import type { Projection, QaloraSettings } from './resolved.ts';
+
+export const DEFAULT_SETTINGS: Readonly<QaloraSettings> = {
+  bits: 4,
+  group: 32,
+  rank: 64,
+  alpha: 16,
+  dropout: 0.05,
+  pool: 'mean',
+  dtype: 'fp32',
+};
+
+export const DEFAULT_ROPE_THETA = 10000;
+export const DEFAULT_NORM_EPS = 1e-5;
+export const DEFAULT_CUDA_ARCHS: readonly string[] = ['sm_80', 'sm_90'];
+
+export const BITS = [2, 3, 4, 8] as const;
+export const POOLS = ['mean', 'sum', 'peft'] as const;
+export const DTYPES = ['fp32', 'fp16', 'bf16'] as const;
+
+/** CUDA archs qalora knows (Volta and newer). `a` variants enable arch-specific features (wgmma on sm_90a). */
+export const KNOWN_ARCHS: readonly string[] = [
+  'sm_70', 'sm_72', 'sm_75', 'sm_80', 'sm_86', 'sm_87', 'sm_88', 'sm_89', 'sm_90', 'sm_90a',
+  'sm_100', 'sm_100a', 'sm_103', 'sm_103a', 'sm_110', 'sm_110a', 'sm_120', 'sm_120a', 'sm_121', 'sm_121a',
+];
+/** Known, but CUDA 13 (the pinned toolkit) no longer compiles for them. */
+export const ARCHS_DROPPED_BY_CUDA13: readonly string[] = ['sm_70', 'sm_72'];
+
+/** One line per key, for "missing key" hints and the table in specs/README.md. */
+export const LLAMA_KEYS: Readonly<Record<string, string>> = {
+  dim: 'model width (HF hidden_size)',
+  hidden: 'feed-forward width (HF intermediate_size)',
+  layers: 'transformer blocks',
+  heads: 'attention heads',
+  kv_heads: 'key/value heads (grouped-query attention); default: heads',
+  vocab: 'vocabulary size',
+  context: 'maximum sequence length',
+  rope_theta: `RoPE base frequency; default ${DEFAULT_ROPE_THETA}`,
+  norm_eps: `RMSNorm epsilon; default ${DEFAULT_NORM_EPS}`,
+};
+export const REQUIRED_LLAMA_KEYS = ['dim', 'hidden', 'layers', 'heads', 'vocab', 'context'] as const;
+
+/** in → out features of each projection, from the model shape. */
+export function projectionShape(p: Projection, m: { dim: number; hidden: number; heads: number; kvHeads: number }): { in: number; out: number; inKey: string } {
+  const kvDim = (m.dim / m.heads) * m.kvHeads;
+  switch (p) {
+    case 'q': case 'o': return { in: m.dim, out: m.dim, inKey: 'dim' };
+    case 'k': case 'v': return { in: m.dim, out: kvDim, inKey: 'dim' };
+    case 'gate': case 'up': return { in: m.dim, out: m.hidden, inKey: 'dim' };
+    case 'down': return { in: m.hidden, out: m.dim, inKey: 'hidden' };
+  }
+}
+
+export function divisors(n: number): number[] {
+  const small: number[] = [];
+  const large: number[] = [];
+  for (let d = 1; d * d <= n; d++) {
+    if (n % d !== 0) continue;
+    small.push(d);
+    if (d * d !== n) large.unshift(n / d);
+  }
+  return [...small, ...large];
+}

@@ -1,0 +1,121 @@
+// Our quantized-base file: a safetensors file holding a model whose projections are QA-LoRA layers (packed q,
+// α, β per group) or float, with the model config and every quant layer's settings in the JSON metadata, so a
+// quantization (RTN or GPTQ, which takes minutes on big models) is done once and reloaded bit for bit.
+import { PROJECTIONS, type Bits, type ActDType, type Pool } from '../../dsl/resolved.ts';
+import { QaloraError } from '../errors.ts';
+import { asF32, readSafetensors, tensorOf, writeSafetensors, type SafeTensor } from '../safetensors.ts';
+import type { BlockWeights, Linear, LlamaConfig, LlamaWeights, ProjectionName, QuantLinear } from './types.ts';
+
+export const BASE_FORMAT = 'qalora-base';
+const BASE_VERSION = '1';
+
+export function saveQuantizedBase(path: string, w: LlamaWeights, extra: Record<string, string> = {}): void {
+  const c = w.config;
+  const t = new Map<string, SafeTensor>();
+  const settings: Record<string, QuantLinear['settings']> = {};
+  t.set('tok_embeddings', tensorOf('F32', [c.vocab, c.dim], w.tokEmbedding));
+  w.blocks.forEach((b, l) => {
+    t.set(`layers.${l}.attention_norm`, tensorOf('F32', [c.dim], b.attnNorm));
+    t.set(`layers.${l}.ffn_norm`, tensorOf('F32', [c.dim], b.ffnNorm));
+    for (const p of PROJECTIONS) {
+      const lin = b.proj[p], name = `layers.${l}.${p}`;
+      if (lin.kind === 'float') {
+        t.set(`${name}.weight`, tensorOf('F32', [lin.out, lin.in], lin.w));
+        continue;
+      }
+      settings[name] = lin.settings;
+      const groups = lin.in / lin.settings.group;
+      t.set(`${name}.qweight`, tensorOf('U32', [lin.out, lin.qweight.length / lin.out], lin.qweight));
+      t.set(`${name}.alpha`, tensorOf('F32', [lin.out, groups], lin.alpha));
+      t.set(`${name}.beta`, tensorOf('F32', [lin.out, groups], lin.beta));
+    }
+  });
+  t.set('norm', tensorOf('F32', [c.dim], w.finalNorm));
+  if (!c.tiedClassifier) t.set('output', tensorOf('F32', [c.vocab, c.dim], w.classifier));
+  writeSafetensors(path, t, { ...extra, format: BASE_FORMAT, version: BASE_VERSION, config: JSON.stringify(c), layers: JSON.stringify(settings) });
+}
+
+/** True when the file is a safetensors file written by saveQuantizedBase. */
+export function isQuantizedBase(path: string): boolean {
+  try {
+    return readSafetensors(path).metadata.format === BASE_FORMAT;
+  } catch {
+    return false;
+  }
+}
+
+export function loadQuantizedBase(path: string): { weights: LlamaWeights; metadata: Record<string, string> } {
+  const f = readSafetensors(path);
+  const md = f.metadata;
+  if (md.format !== BASE_FORMAT) throw new QaloraError(`${path}: not a qalora quantized base (metadata format is ${JSON.stringify(md.format)}, expected "${BASE_FORMAT}")`);
+  if (md.version !== BASE_VERSION) throw new QaloraError(`${path}: quantized base version ${md.version} is not supported (expected ${BASE_VERSION})`);
+  const config = parseJson<LlamaConfig>(md.config, path, 'config');
+  const settings = parseJson<Record<string, QuantLinear['settings']>>(md.layers, path, 'layers');
+  const c = config;
+  const tensor = (name: string, shape: number[]): SafeTensor => {
+    const x = f.tensors.get(name);
+    if (!x) throw new QaloraError(`${path}: tensor '${name}' is missing`);
+    if (x.shape.length !== shape.length || x.shape.some((d, i) => d !== shape[i])) {
+      throw new QaloraError(`${path}: tensor '${name}' has shape [${x.shape}], expected [${shape}]`);
+    }
+    return x;
+  };
+  const f32 = (name: string, shape: number[]) => {
+    const x = tensor(name, shape);
+    if (x.dtype !== 'F32') throw new QaloraError(`${path}: tensor '${name}' is ${x.dtype}, expected F32`);
+    return asF32(x).slice();
+  };
+  const dims = (p: ProjectionName): [number, number] => {
+    const hd = c.dim / c.heads;
+    switch (p) {
+      case 'q': case 'o': return [c.dim, c.dim];
+      case 'k': case 'v': return [c.kvHeads * hd, c.dim];
+      case 'gate': case 'up': return [c.hidden, c.dim];
+      case 'down': return [c.dim, c.hidden];
+    }
+  };
+  const blocks: BlockWeights[] = [];
+  for (let l = 0; l < c.layers; l++) {
+    const proj = {} as Record<ProjectionName, Linear>;
+    for (const p of PROJECTIONS) {
+      const name = `layers.${l}.${p}`, [out, inF] = dims(p), s = settings[name];
+      if (!s) {
+        proj[p] = { kind: 'float', out, in: inF, w: f32(`${name}.weight`, [out, inF]) };
+        continue;
+      }
+      checkSettings(s, name, inF, path);
+      const qt = tensor(`${name}.qweight`, [out, Math.ceil(inF / 32) * s.bits]);
+      if (qt.dtype !== 'U32') throw new QaloraError(`${path}: tensor '${name}.qweight' is ${qt.dtype}, expected U32`);
+      const groups = inF / s.group;
+      proj[p] = {
+        kind: 'quant', out, in: inF, settings: s,
+        qweight: new Uint32Array(qt.data.slice().buffer),
+        alpha: f32(`${name}.alpha`, [out, groups]), beta: f32(`${name}.beta`, [out, groups]),
+      };
+    }
+    blocks.push({ attnNorm: f32(`layers.${l}.attention_norm`, [c.dim]), ffnNorm: f32(`layers.${l}.ffn_norm`, [c.dim]), proj });
+  }
+  const tokEmbedding = f32('tok_embeddings', [c.vocab, c.dim]);
+  const weights: LlamaWeights = {
+    config, tokEmbedding, blocks, finalNorm: f32('norm', [c.dim]),
+    classifier: c.tiedClassifier ? tokEmbedding : f32('output', [c.vocab, c.dim]),
+  };
+  return { weights, metadata: md };
+}
+
+function parseJson<T>(text: string | undefined, path: string, key: string): T {
+  if (text === undefined) throw new QaloraError(`${path}: metadata '${key}' is missing`);
+  try {
+    return JSON.parse(text) as T;
+  } catch (e) {
+    throw new QaloraError(`${path}: metadata '${key}' is not valid JSON (${(e as Error).message})`);
+  }
+}
+
+function checkSettings(s: QuantLinear['settings'], name: string, inF: number, path: string): void {
+  const bad = (what: string) => new QaloraError(`${path}: layer ${name}: ${what}`);
+  if (![2, 3, 4, 8].includes(s.bits as Bits)) throw bad(`bits ${s.bits} is not 2, 3, 4 or 8`);
+  if (!Number.isInteger(s.group) || s.group < 1 || inF % s.group !== 0) throw bad(`group ${s.group} does not divide in_features ${inF}`);
+  if (!(['mean', 'sum', 'peft'] as Pool[]).includes(s.pool)) throw bad(`pool ${JSON.stringify(s.pool)} is not mean, sum or peft`);
+  if (!(['fp32', 'fp16', 'bf16'] as ActDType[]).includes(s.dtype)) throw bad(`dtype ${JSON.stringify(s.dtype)} is not fp32, fp16 or bf16`);
+}

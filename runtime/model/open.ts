@@ -1,0 +1,61 @@
+// Opening a runnable model from files, as the CLI commands (generate, quantize, eval, serve, …) need it:
+// checkpoint (any format loadModel reads, or our quantized base), tokenizer, spec, adapter, backend.
+import type { ResolvedSpec } from '../../dsl/resolved.ts';
+import { QaloraError } from '../errors.ts';
+import type { Tokenizer } from '../tokenizer/types.ts';
+import { LlamaModel, type CalibrationSource } from './llama.ts';
+import { isQuantizedBase, loadQuantizedBase } from './basefile.ts';
+import type { AdapterSet, BackendName, LlamaWeights } from './types.ts';
+
+export { specForBackend } from './native-ops.ts';
+
+export interface OpenOptions {
+  model: string;
+  tokenizer?: string;
+  /** A spec file path or an already loaded spec. */
+  spec?: string | ResolvedSpec;
+  /** A PEFT adapter directory to start from. */
+  adapter?: string;
+  backend?: BackendName;
+  quantize?: 'rtn' | 'gptq';
+  /** Calibration token sequences for GPTQ (or a function building them once the tokenizer is known). */
+  calib?: CalibrationSource | ((tok: Tokenizer, config: LlamaWeights['config']) => CalibrationSource);
+  seed?: number;
+  onProgress?: (done: number, total: number, what: string) => void;
+}
+
+export interface OpenedModel {
+  model: LlamaModel;
+  tokenizer: Tokenizer;
+  weights: LlamaWeights;
+}
+
+export async function openModel(o: OpenOptions): Promise<OpenedModel> {
+  const backend = o.backend ?? 'cpu';
+  let spec: ResolvedSpec | undefined;
+  if (typeof o.spec === 'string') {
+    const { loadSpecOrFail } = await import('../../compiler/spec-file.ts');
+    spec = loadSpecOrFail(o.spec);
+  } else {
+    spec = o.spec;
+  }
+  let weights: LlamaWeights, tokenizer: Tokenizer;
+  const { loadModel, loadTokenizer } = await import('../formats/load.ts');
+  if (o.model.endsWith('.safetensors') && isQuantizedBase(o.model)) {
+    weights = loadQuantizedBase(o.model).weights;
+    if (!o.tokenizer) throw new QaloraError(`${o.model}: a quantized base carries no tokenizer; pass --tokenizer`);
+    tokenizer = await loadTokenizer(o.tokenizer, weights.config.vocab);
+  } else {
+    const loaded = await loadModel(o.model, { tokenizer: o.tokenizer });
+    weights = loaded.weights;
+    tokenizer = loaded.tokenizer;
+  }
+  let adapters: AdapterSet | undefined;
+  if (o.adapter) {
+    const { loadPeftAdapter } = await import('../adapters/peft.ts');
+    adapters = loadPeftAdapter(o.adapter, { model: weights.config }).adapters;
+  }
+  const calib = typeof o.calib === 'function' ? o.calib(tokenizer, weights.config) : o.calib;
+  const model = await LlamaModel.create(weights, { backend, spec, adapters, quantize: o.quantize, calib, seed: o.seed, onProgress: o.onProgress });
+  return { model, tokenizer, weights: model.weights };
+}

@@ -1,0 +1,121 @@
+// The one door from TypeScript to native code: plan → render → build (cached by content hash, locked against
+// parallel builders) → load. Callers get the addon typed by the same interfaces the compiler emits into
+// generated/<spec>/bindings.ts; a spec-specific caller may import that file for exact specialization ids.
+import { constants } from 'node:os';
+import { join } from 'node:path';
+import type { ResolvedSpec } from '../dsl/resolved.ts';
+import type { BuildOptions } from '../compiler/build.ts';
+import { compileAndBuild, defaultOutDir, generatedRoot } from '../compiler/index.ts';
+import type { KernelPlan } from '../compiler/ir.ts';
+import type { Manifest } from '../compiler/manifest.ts';
+import type { RenderOptions } from '../compiler/render.ts';
+import type { BackendName } from './model/types.ts';
+
+/** One layer call; the addon checks every array against these sizes. loraA/loraB are needed when rank > 0. */
+export interface LayerCallArgs {
+  qweight: Uint32Array;
+  alpha: Float32Array;
+  beta: Float32Array;
+  loraA?: Float32Array;
+  loraB?: Float32Array;
+  m: number;
+  in: number;
+  out: number;
+  rank: number;
+  scale: number;
+  poolScale: number;
+  dropout: number;
+  training: boolean;
+  seed: number | bigint;
+}
+
+/** fp32 activations are Float32Array; fp16/bf16 are Uint16Array of raw bits. */
+export type Activation = Float32Array | Uint16Array;
+
+export interface KernelSet<A extends Activation = Activation> {
+  readonly bits: number;
+  readonly group: number;
+  quantize(w: Float32Array, out: number, inFeatures: number, qweight: Uint32Array, alpha: Float32Array, beta: Float32Array): void;
+  dequantize(qweight: Uint32Array, alpha: Float32Array, beta: Float32Array, out: number, inFeatures: number, w: Float32Array): void;
+  forward(args: LayerCallArgs, x: A, y: A): void;
+  backward(args: LayerCallArgs, x: A, dy: A, dx: A, gradA: Float32Array, gradB: Float32Array): void;
+  merge(args: LayerCallArgs, betaOut: Float32Array): void;
+}
+
+/** Core ops as declared in templates/{core,cpu}/*.ops.json; exact signatures are in generated/<spec>/bindings.ts. */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export type CoreOps = Record<string, (...args: any[]) => any>;
+
+export interface Addon {
+  kernels: Partial<Record<BackendName, Record<string, KernelSet>>>;
+  core: CoreOps;
+  backends(): BackendName[];
+  /** "ok: <device>, sm_XY" or "unavailable: <reason>"; never throws. */
+  cudaStatus(): string;
+  specName: string;
+  specHash: string;
+  compilerVersion: string;
+}
+
+export interface NativeKernels extends Addon {
+  plan: KernelPlan;
+  manifest: Manifest;
+  dir: string;
+  addonPath: string;
+  /** Whether this call found the addon already built. */
+  cached: boolean;
+  /** The kernels of layer `name` on `backend`; throws naming what is missing. */
+  layer(name: string, backend: BackendName): KernelSet;
+}
+
+export interface LoadOptions extends RenderOptions, BuildOptions {
+  /** Where to generate; default generated/<spec name>. */
+  outDir?: string;
+}
+
+const loaded = new Map<string, Addon>();
+
+/** dlopen with RTLD_NOW: a kernel a template forgot to define fails here, by name, not at its first call. */
+export function loadAddonFile(path: string, hash: string): Addon {
+  const key = `${path}#${hash}`;
+  let addon = loaded.get(key);
+  if (!addon) {
+    const module = { exports: {} as Addon };
+    process.dlopen(module, path, constants.dlopen.RTLD_NOW);
+    addon = module.exports;
+    loaded.set(key, addon);
+  }
+  return addon;
+}
+
+export async function loadKernels(spec: ResolvedSpec, opts: LoadOptions = {}): Promise<NativeKernels> {
+  const { compiled, built } = await compileAndBuild(spec, opts.outDir ?? defaultOutDir(spec), { ...opts, bindings: false });
+  const addon = loadAddonFile(built.addonPath, built.hash);
+  const plan = compiled.plan;
+  return {
+    ...addon,
+    kernels: addon.kernels,
+    core: addon.core,
+    backends: () => addon.backends(),
+    cudaStatus: () => addon.cudaStatus(),
+    plan,
+    manifest: compiled.manifest,
+    dir: compiled.dir,
+    addonPath: built.addonPath,
+    cached: built.cached,
+    layer(name: string, backend: BackendName): KernelSet {
+      const planned = plan.layers.find((l) => l.name === name);
+      if (!planned) throw new Error(`spec '${spec.name}' has no layer '${name}' (layers: ${plan.layers.map((l) => l.name).join(', ')})`);
+      const set = addon.kernels[backend]?.[planned.specialization];
+      if (!set)
+        throw new Error(`backend '${backend}' has no kernels for ${planned.specialization} in spec '${spec.name}' (built backends: ${addon.backends().join(', ') || 'none'}; ${addon.cudaStatus()})`);
+      return set;
+    },
+  };
+}
+
+/** The spec-less addon: core ops (matmul, norms, attention, …) for float models, no QA-LoRA kernels. */
+export async function loadCore(opts: Omit<LoadOptions, 'outDir'> = {}): Promise<Addon> {
+  const spec: ResolvedSpec = { name: '_core', file: '<core>', layers: [], targets: { cpu: true, cuda: null } };
+  return loadKernels(spec, { ...opts, outDir: join(generatedRoot, '_core') });
+}

@@ -1,0 +1,210 @@
+// The float64 oracle of the QA-LoRA kernels: obvious loops, no cleverness, so a reader can check it against the
+// equations (docs/ARCHITECTURE.md, notes §1) and the native kernels can be checked against it. Quantization
+// follows templates/common/qalora_common.h in fp32 steps so it agrees bit for bit; everything else is float64.
+import type { Bits, Pool } from '../../dsl/resolved.ts';
+import { dropoutKeep, packQ, rintEven, unpackQ, wordsPerRow } from './numeric.ts';
+
+export interface RefQuantized {
+  qweight: Uint32Array;
+  alpha: Float32Array;
+  beta: Float32Array;
+}
+
+/** One layer call: the same fields as the native LayerArgs, with bits/group/pool from the specialization. */
+export interface RefLayerArgs {
+  bits: Bits;
+  group: number;
+  pool: Pool;
+  qweight: Uint32Array;
+  alpha: ArrayLike<number>;
+  beta: ArrayLike<number>;
+  loraA?: ArrayLike<number>;
+  loraB?: ArrayLike<number>;
+  m: number;
+  in: number;
+  out: number;
+  rank: number;
+  scale: number;
+  poolScale: number;
+  dropout: number;
+  training: boolean;
+  seed: number | bigint;
+}
+
+function checkGroup(inFeatures: number, group: number): number {
+  if (!(group > 0) || inFeatures % group !== 0) throw new Error(`group ${group} does not divide in ${inFeatures}`);
+  return inFeatures / group;
+}
+
+/** Min-max round-to-nearest per (row, group), in fp32 steps exactly as qalora_common.h describes. */
+export function quantize(w: ArrayLike<number>, out: number, inF: number, bits: Bits, group: number): RefQuantized {
+  const L = checkGroup(inF, group);
+  const wpr = wordsPerRow(inF, bits);
+  const qmax = 2 ** bits - 1;
+  const qweight = new Uint32Array(out * wpr);
+  const alpha = new Float32Array(out * L);
+  const beta = new Float32Array(out * L);
+  const f = Math.fround;
+  for (let o = 0; o < out; o++) {
+    for (let k = 0; k < L; k++) {
+      let mn = Infinity;
+      let mx = -Infinity;
+      for (let i = k * group; i < (k + 1) * group; i++) {
+        const v = f(w[o * inF + i]);
+        mn = Math.min(mn, v);
+        mx = Math.max(mx, v);
+      }
+      const a = mx === mn ? 1 : f(f(mx - mn) / qmax);
+      alpha[o * L + k] = a;
+      beta[o * L + k] = mn;
+      for (let i = k * group; i < (k + 1) * group; i++) {
+        const q = rintEven(f(f(f(w[o * inF + i]) - mn) / a));
+        packQ(qweight, o * wpr, i, bits, Math.min(qmax, Math.max(0, q)));
+      }
+    }
+  }
+  return { qweight, alpha, beta };
+}
+
+/** Ŵ = α·q + β in float64. */
+export function dequantize(
+  qweight: Uint32Array, alpha: ArrayLike<number>, beta: ArrayLike<number>,
+  out: number, inF: number, bits: Bits, group: number,
+): Float64Array {
+  const L = checkGroup(inF, group);
+  const wpr = wordsPerRow(inF, bits);
+  const w = new Float64Array(out * inF);
+  for (let o = 0; o < out; o++) {
+    for (let i = 0; i < inF; i++) {
+      const k = Math.floor(i / group);
+      w[o * inF + i] = alpha[o * L + k] * unpackQ(qweight, o * wpr, i, bits) + beta[o * L + k];
+    }
+  }
+  return w;
+}
+
+/** Dropout factor of element `index`: 0 or 1/(1-p); 1 when not training. */
+function dropFactor(a: RefLayerArgs, index: number): number {
+  if (!a.training || a.dropout <= 0) return 1;
+  return dropoutKeep(a.seed, index, a.dropout) ? 1 / (1 - a.dropout) : 0;
+}
+
+/** p [m, L] = drop(c·Σ_group x) for mean/sum, c·Σ_group drop(x) for peft (notes §1). */
+export function pooled(a: RefLayerArgs, x: ArrayLike<number>): Float64Array {
+  const L = checkGroup(a.in, a.group);
+  const p = new Float64Array(a.m * L);
+  for (let r = 0; r < a.m; r++) {
+    for (let k = 0; k < L; k++) {
+      let s = 0;
+      for (let i = k * a.group; i < (k + 1) * a.group; i++) {
+        s += x[r * a.in + i] * (a.pool === 'peft' ? dropFactor(a, r * a.in + i) : 1);
+      }
+      p[r * L + k] = a.poolScale * s * (a.pool === 'peft' ? 1 : dropFactor(a, r * L + k));
+    }
+  }
+  return p;
+}
+
+/** h [m, rank] = p·Aᵀ. */
+function lowRank(a: RefLayerArgs, p: Float64Array): Float64Array {
+  const L = a.in / a.group;
+  const h = new Float64Array(a.m * a.rank);
+  for (let r = 0; r < a.m; r++) {
+    for (let j = 0; j < a.rank; j++) {
+      let s = 0;
+      for (let k = 0; k < L; k++) s += p[r * L + k] * a.loraA![j * L + k];
+      h[r * a.rank + j] = s;
+    }
+  }
+  return h;
+}
+
+/** y [m, out] = x·Ŵᵀ + s·(p·Aᵀ)·Bᵀ. */
+export function forward(a: RefLayerArgs, x: ArrayLike<number>): Float64Array {
+  const w = dequantize(a.qweight, a.alpha, a.beta, a.out, a.in, a.bits, a.group);
+  const y = new Float64Array(a.m * a.out);
+  const h = a.rank > 0 ? lowRank(a, pooled(a, x)) : new Float64Array(0);
+  for (let r = 0; r < a.m; r++) {
+    for (let o = 0; o < a.out; o++) {
+      let s = 0;
+      for (let i = 0; i < a.in; i++) s += x[r * a.in + i] * w[o * a.in + i];
+      let lora = 0;
+      for (let j = 0; j < a.rank; j++) lora += h[r * a.rank + j] * a.loraB![o * a.rank + j];
+      y[r * a.out + o] = s + a.scale * lora;
+    }
+  }
+  return y;
+}
+
+export interface RefGradients {
+  dx: Float64Array;
+  gradA: Float64Array;
+  gradB: Float64Array;
+}
+
+/** dB = s·dyᵀ·h; dh = s·dy·B; dA = dhᵀ·p; dp = drop'(dh·A); dx = dy·Ŵ + c·expand(dp). */
+export function backward(a: RefLayerArgs, x: ArrayLike<number>, dy: ArrayLike<number>): RefGradients {
+  const L = checkGroup(a.in, a.group);
+  const w = dequantize(a.qweight, a.alpha, a.beta, a.out, a.in, a.bits, a.group);
+  const dx = new Float64Array(a.m * a.in);
+  for (let r = 0; r < a.m; r++) {
+    for (let i = 0; i < a.in; i++) {
+      let s = 0;
+      for (let o = 0; o < a.out; o++) s += dy[r * a.out + o] * w[o * a.in + i];
+      dx[r * a.in + i] = s;
+    }
+  }
+  const gradA = new Float64Array(a.rank * L);
+  const gradB = new Float64Array(a.out * a.rank);
+  if (a.rank === 0) return { dx, gradA, gradB };
+  const p = pooled(a, x);
+  const h = lowRank(a, p);
+  for (let o = 0; o < a.out; o++) {
+    for (let j = 0; j < a.rank; j++) {
+      let s = 0;
+      for (let r = 0; r < a.m; r++) s += dy[r * a.out + o] * h[r * a.rank + j];
+      gradB[o * a.rank + j] = a.scale * s;
+    }
+  }
+  const dh = new Float64Array(a.m * a.rank);
+  for (let r = 0; r < a.m; r++) {
+    for (let j = 0; j < a.rank; j++) {
+      let s = 0;
+      for (let o = 0; o < a.out; o++) s += dy[r * a.out + o] * a.loraB![o * a.rank + j];
+      dh[r * a.rank + j] = a.scale * s;
+    }
+  }
+  for (let j = 0; j < a.rank; j++) {
+    for (let k = 0; k < L; k++) {
+      let s = 0;
+      for (let r = 0; r < a.m; r++) s += dh[r * a.rank + j] * p[r * L + k];
+      gradA[j * L + k] = s;
+    }
+  }
+  for (let r = 0; r < a.m; r++) {
+    for (let k = 0; k < L; k++) {
+      let dp = 0;
+      for (let j = 0; j < a.rank; j++) dp += dh[r * a.rank + j] * a.loraA![j * L + k];
+      if (a.pool !== 'peft') dp *= dropFactor(a, r * L + k);
+      for (let i = k * a.group; i < (k + 1) * a.group; i++) {
+        const idx = r * a.in + i;
+        dx[idx] += a.poolScale * dp * (a.pool === 'peft' ? dropFactor(a, idx) : 1);
+      }
+    }
+  }
+  return { dx, gradA, gradB };
+}
+
+/** β' = β + s·c·(B·A); q and α are unchanged by construction. */
+export function merge(a: RefLayerArgs): Float64Array {
+  const L = checkGroup(a.in, a.group);
+  const betaOut = Float64Array.from(a.beta);
+  for (let o = 0; o < a.out; o++) {
+    for (let k = 0; k < L; k++) {
+      let s = 0;
+      for (let j = 0; j < a.rank; j++) s += a.loraB![o * a.rank + j] * a.loraA![j * L + k];
+      betaOut[o * L + k] += a.scale * a.poolScale * s;
+    }
+  }
+  return betaOut;
+}

@@ -1,0 +1,218 @@
+// The fine-tuning loop: micro-batches → summed loss and gradients → mean over the step's targets → global-norm
+// clipping → AdamW on the adapters. Periodic validation, metrics, plots and atomic checkpoints; a stop request
+// (Ctrl-C) finishes the current step, saves, and returns. Resuming from a checkpoint replays the same data order
+// and dropout seeds, so the loss sequence equals an uninterrupted run's.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type { AdapterInfo } from '../adapters/peft.ts';
+import { savePeftAdapter } from '../adapters/peft.ts';
+import { mixSeed, WindowSchedule, type PackedWindows } from '../data/dataset.ts';
+import { QaloraError } from '../errors.ts';
+import { Progress, sparkline } from '../progress.ts';
+import { AdamW, ADAMW_DEFAULTS } from './adamw.ts';
+import { hasCheckpoint, loadCheckpoint, saveCheckpoint, type TrainerState } from './checkpoint.ts';
+import { evaluateWindows, type EvalResult, type TrainModel } from './evaluate.ts';
+import { MetricsLog, type MetricRecord } from './metrics.ts';
+import { alignedGrads, globalNorm, paramList } from './params.ts';
+import { learningRate, type ScheduleName } from './schedule.ts';
+
+export interface TrainerOptions {
+  model: TrainModel;
+  train: PackedWindows;
+  val: PackedWindows | null;
+  outDir: string;
+  adapterInfo: AdapterInfo;
+  lr: number;
+  schedule: ScheduleName;
+  /** Steps when ≥ 1, fraction of totalSteps when < 1. */
+  warmup: number;
+  batchSize: number;
+  gradAccum: number;
+  totalSteps: number;
+  evalEvery: number;
+  evalWindows: number;
+  saveEvery: number;
+  seed: number;
+  maxGradNorm: number;
+  weightDecay: number;
+  resume: boolean;
+  /** Identifies the data and settings a resume must match (data cache key, seqLen, …). */
+  fingerprint?: Record<string, string | number>;
+  quiet?: boolean;
+  /** Write the loss-curve plot (SVG + PNG) at checkpoints and the end. Default true. */
+  plot?: boolean;
+  /** Polled after every step: true stops the run (after saving). */
+  shouldStop?: () => boolean;
+  /** Called after each step (tests, the demo). */
+  onStep?: (r: { step: number; loss: number; lr: number }) => void;
+  /** Install a SIGINT handler that requests a stop. Default true. */
+  handleSigint?: boolean;
+  /** Print the final loss sparkline to stderr (default: unless quiet). */
+  printSummary?: boolean;
+}
+
+export interface TrainResult {
+  startStep: number;
+  steps: number;
+  /** Mean train loss per step of this process's steps. */
+  losses: number[];
+  evals: { step: number; loss: number; perplexity: number }[];
+  interrupted: boolean;
+  adapterDir: string;
+  checkpointDir: string;
+  seconds: number;
+  tokensPerSecond: number;
+}
+
+export function warmupSteps(warmup: number, totalSteps: number): number {
+  return warmup >= 1 ? Math.round(warmup) : Math.ceil(warmup * totalSteps);
+}
+
+export async function train(o: TrainerOptions): Promise<TrainResult> {
+  if (o.totalSteps < 1) throw new QaloraError(`nothing to train: ${o.totalSteps} steps`);
+  mkdirSync(o.outDir, { recursive: true });
+  const params = paramList(o.model.adapters);
+  if (params.length === 0) throw new QaloraError('the model has no adapters to train (every layer has rank 0)');
+  const opt = new AdamW(params, { ...ADAMW_DEFAULTS, weightDecay: o.weightDecay });
+  const checkpointDir = join(o.outDir, 'checkpoint');
+  const adapterDir = join(o.outDir, 'adapter');
+  const metrics = new MetricsLog(join(o.outDir, 'metrics.jsonl'));
+  const fingerprint = {
+    ...(o.fingerprint ?? {}), seed: o.seed, batchSize: o.batchSize, gradAccum: o.gradAccum,
+    seqLen: o.train.seqLen, trainWindows: o.train.count,
+  };
+
+  let state: TrainerState = {
+    version: 1, step: 0, position: 0, adamT: 0, seed: o.seed, tokensSeen: 0, elapsedSeconds: 0, fingerprint, totalSteps: o.totalSteps,
+  };
+  if (o.resume) {
+    if (!hasCheckpoint(checkpointDir)) throw new QaloraError(`--resume: no checkpoint in ${checkpointDir}`);
+    state = loadCheckpoint(checkpointDir, o.model.adapters, opt);
+    for (const [k, v] of Object.entries(fingerprint)) {
+      if (state.fingerprint[k] !== undefined && state.fingerprint[k] !== v) {
+        throw new QaloraError(`--resume: ${k} was ${state.fingerprint[k]} in the checkpoint but is ${v} now; an exact continuation needs the same value`);
+      }
+    }
+    metrics.truncateAfter(state.step);
+  } else {
+    metrics.truncateAfter(-1);
+  }
+
+  const schedule = new WindowSchedule(o.train.count, o.seed);
+  const warm = warmupSteps(o.warmup, o.totalSteps);
+  const lrAt = (step: number) => learningRate(step, { name: o.schedule, lr: o.lr, warmupSteps: warm, totalSteps: o.totalSteps });
+  const startStep = state.step;
+  const losses: number[] = [];
+  const evals: TrainResult['evals'] = [];
+  const history = metrics.read();
+  const progress = new Progress({ label: 'train', total: o.totalSteps, unit: 'steps', start: startStep, silent: o.quiet });
+
+  let stopRequested = false;
+  const onSigint = () => {
+    if (stopRequested) process.exit(130); // a second Ctrl-C does not wait
+    stopRequested = true;
+    progress.log('interrupted: finishing this step, saving a checkpoint (Ctrl-C again to quit without saving)');
+  };
+  if (o.handleSigint ?? true) process.on('SIGINT', onSigint);
+
+  const t0 = performance.now();
+  let tokensThisRun = 0;
+  const record = (r: MetricRecord) => {
+    metrics.append(r);
+    history.push(r);
+  };
+  const runEval = (step: number): EvalResult | null => {
+    if (!o.val) return null;
+    const r = evaluateWindows(o.model, o.val, o.batchSize, o.evalWindows);
+    record({ kind: 'eval', step, valLoss: r.loss, valPerplexity: r.perplexity, valTokens: r.tokens });
+    evals.push({ step, loss: r.loss, perplexity: r.perplexity });
+    progress.log(`step ${step}: validation loss ${r.loss.toFixed(4)}, perplexity ${r.perplexity.toFixed(3)}`);
+    return r;
+  };
+  const save = () => {
+    saveCheckpoint(checkpointDir, o.model.adapters, o.adapterInfo, opt, { ...state, adamT: opt.t });
+    if (o.plot ?? true) void writePlots(o.outDir, history);
+  };
+
+  if (startStep === 0 && o.val && o.evalEvery > 0) runEval(0);
+  let interrupted = false;
+  try {
+    for (let step = startStep + 1; step <= o.totalSteps; step++) {
+      const stepStart = performance.now();
+      const lr = lrAt(step);
+      let sum = 0, count = 0, positions = 0;
+      const acc = params.map((p) => new Float32Array(p.data.length));
+      for (let micro = 0; micro < o.gradAccum; micro++) {
+        const idx = schedule.take(state.position, o.batchSize);
+        state.position += o.batchSize;
+        const b = o.train.batch(idx);
+        positions += b.batch * b.seqLen;
+        if (b.count === 0) continue;
+        const r = o.model.lossAndGrad(b.tokens, b.targets, b.batch, b.seqLen, {
+          mask: b.mask, training: true, seed: mixSeed(o.seed, step, micro),
+        });
+        sum += r.loss;
+        count += r.count;
+        const g = alignedGrads(params, r.grads);
+        for (let k = 0; k < acc.length; k++) {
+          const a = acc[k], gk = g[k];
+          for (let i = 0; i < a.length; i++) a[i] += gk[i];
+        }
+      }
+      if (count === 0) throw new QaloraError(`step ${step}: no counted targets in the batch (is the whole data masked?)`);
+      // Gradient of the step's mean loss; clipping folds into the same scale factor.
+      const norm = globalNorm(acc) / count;
+      const clip = o.maxGradNorm > 0 && norm > o.maxGradNorm ? o.maxGradNorm / (norm + 1e-6) : 1;
+      opt.step(acc, lr, clip / count);
+      const loss = sum / count;
+      if (!Number.isFinite(loss)) throw new QaloraError(`step ${step}: loss is ${loss}; lower the learning rate (now ${lr})`);
+      const seconds = (performance.now() - stepStart) / 1000;
+      state.step = step;
+      state.tokensSeen += positions;
+      state.elapsedSeconds += seconds;
+      tokensThisRun += positions;
+      losses.push(loss);
+      const tps = tokensThisRun / ((performance.now() - t0) / 1000);
+      record({
+        kind: 'train', step, loss, lr, gradNorm: norm, tokens: state.tokensSeen, tokensPerSecond: tps,
+        epoch: schedule.epochOf(Math.max(0, state.position - 1)), elapsed: state.elapsedSeconds,
+      });
+      progress.update(step, { loss, lr, 'tok/s': Math.round(tps) });
+      o.onStep?.({ step, loss, lr });
+      if (o.val && o.evalEvery > 0 && step % o.evalEvery === 0 && step !== o.totalSteps) runEval(step);
+      if (o.saveEvery > 0 && step % o.saveEvery === 0 && step !== o.totalSteps) save();
+      // Let signal handlers run between steps.
+      await new Promise((r) => setImmediate(r));
+      if (stopRequested || o.shouldStop?.()) {
+        interrupted = step < o.totalSteps;
+        break;
+      }
+    }
+    if (!interrupted && o.val && state.step === o.totalSteps && (evals.length === 0 || evals[evals.length - 1].step !== state.step)) runEval(state.step);
+    save();
+    if (!interrupted) savePeftAdapter(adapterDir, o.model.adapters, o.adapterInfo);
+  } finally {
+    progress.stop();
+    if (o.handleSigint ?? true) process.off('SIGINT', onSigint);
+  }
+  if (o.plot ?? true) await writePlots(o.outDir, history);
+  const seconds = (performance.now() - t0) / 1000;
+  if (o.printSummary ?? !o.quiet) {
+    const all = history.filter((r) => r.kind === 'train').map((r) => (r as { loss: number }).loss);
+    if (all.length > 1) process.stderr.write(`loss ${all[0].toFixed(3)} ${sparkline(all)} ${all[all.length - 1].toFixed(3)}\n`);
+    if (interrupted) process.stderr.write(`stopped at step ${state.step}; resume with --resume (checkpoint: ${checkpointDir})\n`);
+  }
+  return {
+    startStep, steps: state.step, losses, evals, interrupted, adapterDir, checkpointDir, seconds,
+    tokensPerSecond: seconds > 0 ? tokensThisRun / seconds : 0,
+  };
+}
+
+async function writePlots(outDir: string, history: MetricRecord[]): Promise<void> {
+  try {
+    const { writeLossPlots } = await import('../plot/loss-curve.ts');
+    await writeLossPlots(outDir, history);
+  } catch (e) {
+    process.stderr.write(`warning: could not write the loss plot: ${(e as Error).message}\n`);
+  }
+}

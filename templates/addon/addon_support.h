@@ -1,0 +1,298 @@
+// The hand-written half of the N-API glue: argument checking and the generic kernel wrappers. The generated
+// half (addon.cpp) only lists which kernels and core ops exist. Every check names the function, the argument
+// and what was expected, because these messages are what a user sees when a call from JS is wrong.
+#pragma once
+#define NAPI_VERSION 8
+#include <napi.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <limits>
+#include <string>
+
+#include "qalora_common.h"
+
+namespace qalora::addon {
+
+constexpr int64_t kAnyLength = -1;
+
+inline const char* typed_array_name(napi_typedarray_type t) {
+  switch (t) {
+    case napi_int8_array: return "Int8Array";
+    case napi_uint8_array: return "Uint8Array";
+    case napi_uint8_clamped_array: return "Uint8ClampedArray";
+    case napi_int16_array: return "Int16Array";
+    case napi_uint16_array: return "Uint16Array";
+    case napi_int32_array: return "Int32Array";
+    case napi_uint32_array: return "Uint32Array";
+    case napi_float32_array: return "Float32Array";
+    case napi_float64_array: return "Float64Array";
+    case napi_bigint64_array: return "BigInt64Array";
+    case napi_biguint64_array: return "BigUint64Array";
+    default: return "TypedArray";
+  }
+}
+
+[[noreturn]] inline void type_error(Napi::Env env, const std::string& msg) { throw Napi::TypeError::New(env, msg); }
+[[noreturn]] inline void range_error(Napi::Env env, const std::string& msg) { throw Napi::RangeError::New(env, msg); }
+
+inline std::string describe(const Napi::Value& v) {
+  if (v.IsTypedArray()) {
+    auto a = v.As<Napi::TypedArray>();
+    return std::string(typed_array_name(a.TypedArrayType())) + " of length " + std::to_string(a.ElementLength());
+  }
+  if (v.IsUndefined()) return "undefined";
+  if (v.IsNull()) return "null";
+  if (v.IsNumber()) return "number";
+  if (v.IsBoolean()) return "boolean";
+  if (v.IsString()) return "string";
+  if (v.IsArray()) return "Array";
+  return "object";
+}
+
+// `why` says where an expected length comes from (e.g. "m*in = 3*64"), so a mismatch is easy to trace. It is
+// a callable (or a string literal), evaluated only when the check fails: the happy path allocates nothing.
+inline std::string explain(const char* why) { return why; }
+template <typename F>
+std::string explain(const F& why) { return why(); }
+
+template <typename T, typename Why = const char*>
+T* typed_array(const Napi::Value& v, napi_typedarray_type type, const char* fn, const char* arg, int64_t len, Why why = "") {
+  bool ok = v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == type;
+  if (ok && len != kAnyLength && (int64_t)v.As<Napi::TypedArray>().ElementLength() != len) ok = false;
+  if (!ok) {
+    std::string want = typed_array_name(type);
+    const std::string because = explain(why);
+    if (len != kAnyLength) want += " of length " + std::to_string(len) + (because.empty() ? "" : " (" + because + ")");
+    type_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be a " + want + ", got " + describe(v));
+  }
+  auto a = v.As<Napi::TypedArray>();
+  return reinterpret_cast<T*>(static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset());
+}
+
+inline std::string product(const char* dims, int64_t a, int64_t b) {
+  return std::string(dims) + " = " + std::to_string(a) + "*" + std::to_string(b);
+}
+
+inline double number_arg(const Napi::Value& v, const char* fn, const char* arg) {
+  if (!v.IsNumber()) type_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be a number, got " + describe(v));
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+inline int64_t int_arg(const Napi::Value& v, const char* fn, const char* arg, int64_t min = 0) {
+  const double d = number_arg(v, fn, arg);
+  if (!(d == std::floor(d)) || d < (double)min || d > 9007199254740991.0)
+    range_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be an integer >= " + std::to_string(min) +
+                             ", got " + std::to_string(d));
+  return (int64_t)d;
+}
+
+inline uint64_t u64_arg(const Napi::Value& v, const char* fn, const char* arg) {
+  if (v.IsBigInt()) {
+    bool lossless = true;
+    const uint64_t u = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) range_error(v.Env(), std::string(fn) + ": argument '" + arg + "' does not fit in 64 unsigned bits");
+    return u;
+  }
+  return (uint64_t)int_arg(v, fn, arg);
+}
+
+inline bool bool_arg(const Napi::Value& v, const char* fn, const char* arg) {
+  if (v.IsBoolean()) return v.As<Napi::Boolean>().Value();
+  if (v.IsNumber()) return v.As<Napi::Number>().DoubleValue() != 0;
+  type_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be a boolean, got " + describe(v));
+}
+
+inline void expect_argc(const Napi::CallbackInfo& info, size_t n, const char* fn) {
+  if (info.Length() != n)
+    type_error(info.Env(), std::string(fn) + ": expected " + std::to_string(n) + " arguments, got " + std::to_string(info.Length()));
+}
+
+// ---- QA-LoRA kernels -------------------------------------------------------------------------------------
+enum class Act { F32, U16 };
+
+struct KernelFns {
+  const char* id;
+  int bits;
+  int64_t group;
+  Act act;
+  void (*quantize)(const float*, int64_t, int64_t, uint32_t*, float*, float*);
+  void (*dequantize)(const uint32_t*, const float*, const float*, int64_t, int64_t, float*);
+  void (*forward)(const LayerArgs&, const void*, void*);
+  void (*backward)(const LayerArgs&, const void*, const void*, void*, float*, float*);
+  void (*merge)(const LayerArgs&, float*);
+};
+
+// One JS function's binding: the kernel table entry and its name for messages ("cpu.b4_g32_fp16_mean.forward"),
+// built once at load time.
+struct Bound {
+  const KernelFns* k;
+  std::string name;
+};
+
+inline int64_t checked_groups(Napi::Env env, const KernelFns& k, int64_t in, const char* fn) {
+  if (in % k.group != 0)
+    range_error(env, std::string(fn) + ": in = " + std::to_string(in) + " is not a multiple of the group size " + std::to_string(k.group));
+  return in / k.group;
+}
+
+inline void* activation(const Napi::Value& v, const KernelFns& k, const char* fn, const char* arg, int64_t rows, int64_t cols,
+                        const char* dims) {
+  auto why = [&] { return product(dims, rows, cols); };
+  if (k.act == Act::F32) return typed_array<float>(v, napi_float32_array, fn, arg, rows * cols, why);
+  return typed_array<uint16_t>(v, napi_uint16_array, fn, arg, rows * cols, why);
+}
+
+// Reads the JS args object of forward/backward/merge into LayerArgs, checking every array against the sizes.
+inline LayerArgs layer_args(const Napi::Value& v, const KernelFns& k, const char* fn) {
+  Napi::Env env = v.Env();
+  if (!v.IsObject() || v.IsTypedArray() || v.IsArray()) type_error(env, std::string(fn) + ": argument 'args' must be an object, got " + describe(v));
+  Napi::Object o = v.As<Napi::Object>();
+  auto field = [&](const char* name) { return o.Get(name); };
+  LayerArgs a{};
+  a.m = int_arg(field("m"), fn, "args.m");
+  a.in = int_arg(field("in"), fn, "args.in", 1);
+  a.out = int_arg(field("out"), fn, "args.out", 1);
+  a.rank = int_arg(field("rank"), fn, "args.rank");
+  a.scale = (float)number_arg(field("scale"), fn, "args.scale");
+  a.pool_scale = (float)number_arg(field("poolScale"), fn, "args.poolScale");
+  a.dropout = (float)number_arg(field("dropout"), fn, "args.dropout");
+  if (!(a.dropout >= 0.f && a.dropout < 1.f)) range_error(env, std::string(fn) + ": args.dropout must be in [0, 1), got " + std::to_string(a.dropout));
+  a.training = bool_arg(field("training"), fn, "args.training") ? 1 : 0;
+  a.seed = u64_arg(field("seed"), fn, "args.seed");
+  const int64_t groups = checked_groups(env, k, a.in, fn);
+  const int64_t words = words_per_row(a.in, k.bits);
+  auto per_group = [&] { return product("out*(in/g)", a.out, groups); };
+  a.qweight = typed_array<uint32_t>(field("qweight"), napi_uint32_array, fn, "args.qweight", a.out * words,
+                                    [&] { return product("out*words_per_row(in, bits)", a.out, words); });
+  a.alpha = typed_array<float>(field("alpha"), napi_float32_array, fn, "args.alpha", a.out * groups, per_group);
+  a.beta = typed_array<float>(field("beta"), napi_float32_array, fn, "args.beta", a.out * groups, per_group);
+  if (a.rank > 0) {
+    a.lora_a = typed_array<float>(field("loraA"), napi_float32_array, fn, "args.loraA", a.rank * groups,
+                                  [&] { return product("rank*(in/g)", a.rank, groups); });
+    a.lora_b = typed_array<float>(field("loraB"), napi_float32_array, fn, "args.loraB", a.out * a.rank,
+                                  [&] { return product("out*rank", a.out, a.rank); });
+  }
+  return a;
+}
+
+// node-addon-api turns only Napi::Error into a JS exception; any other C++ exception escaping a callback would
+// terminate the process (a CUDA call without a driver, a failed allocation). Every callback goes through this.
+template <Napi::Value (*F)(const Napi::CallbackInfo&)>
+Napi::Value guarded(const Napi::CallbackInfo& info) {
+  try {
+    return F(info);
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(info.Env(), e.what());
+  }
+}
+
+inline const Bound& bound_of(const Napi::CallbackInfo& info) { return *static_cast<const Bound*>(info.Data()); }
+
+struct KernelWrappers {
+  static Napi::Value quantize(const Napi::CallbackInfo& info) {
+    const Bound& b = bound_of(info);
+    const KernelFns& k = *b.k;
+    const char* fn = b.name.c_str();
+    expect_argc(info, 6, fn);
+    const int64_t out = int_arg(info[1], fn, "out", 1), in = int_arg(info[2], fn, "in", 1);
+    const int64_t groups = checked_groups(info.Env(), k, in, fn);
+    auto per_group = [&] { return product("out*(in/g)", out, groups); };
+    const float* w = typed_array<float>(info[0], napi_float32_array, fn, "w", out * in, "out*in");
+    uint32_t* q = typed_array<uint32_t>(info[3], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), "out*words_per_row(in, bits)");
+    float* alpha = typed_array<float>(info[4], napi_float32_array, fn, "alpha", out * groups, per_group);
+    float* beta = typed_array<float>(info[5], napi_float32_array, fn, "beta", out * groups, per_group);
+    k.quantize(w, out, in, q, alpha, beta);
+    return info.Env().Undefined();
+  }
+  static Napi::Value dequantize(const Napi::CallbackInfo& info) {
+    const Bound& b = bound_of(info);
+    const KernelFns& k = *b.k;
+    const char* fn = b.name.c_str();
+    expect_argc(info, 6, fn);
+    const int64_t out = int_arg(info[3], fn, "out", 1), in = int_arg(info[4], fn, "in", 1);
+    const int64_t groups = checked_groups(info.Env(), k, in, fn);
+    auto per_group = [&] { return product("out*(in/g)", out, groups); };
+    const uint32_t* q = typed_array<uint32_t>(info[0], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), "out*words_per_row(in, bits)");
+    const float* alpha = typed_array<float>(info[1], napi_float32_array, fn, "alpha", out * groups, per_group);
+    const float* beta = typed_array<float>(info[2], napi_float32_array, fn, "beta", out * groups, per_group);
+    float* w = typed_array<float>(info[5], napi_float32_array, fn, "w", out * in, "out*in");
+    k.dequantize(q, alpha, beta, out, in, w);
+    return info.Env().Undefined();
+  }
+  static Napi::Value forward(const Napi::CallbackInfo& info) {
+    const Bound& b = bound_of(info);
+    const char* fn = b.name.c_str();
+    expect_argc(info, 3, fn);
+    const LayerArgs a = layer_args(info[0], *b.k, fn);
+    const void* x = activation(info[1], *b.k, fn, "x", a.m, a.in, "m*in");
+    void* y = activation(info[2], *b.k, fn, "y", a.m, a.out, "m*out");
+    b.k->forward(a, x, y);
+    return info.Env().Undefined();
+  }
+  static Napi::Value backward(const Napi::CallbackInfo& info) {
+    const Bound& b = bound_of(info);
+    const char* fn = b.name.c_str();
+    expect_argc(info, 6, fn);
+    const LayerArgs a = layer_args(info[0], *b.k, fn);
+    const int64_t groups = a.in / b.k->group;
+    const void* x = activation(info[1], *b.k, fn, "x", a.m, a.in, "m*in");
+    const void* dy = activation(info[2], *b.k, fn, "dy", a.m, a.out, "m*out");
+    void* dx = activation(info[3], *b.k, fn, "dx", a.m, a.in, "m*in");
+    float* ga = typed_array<float>(info[4], napi_float32_array, fn, "gradA", a.rank * groups, "rank*(in/g)");
+    float* gb = typed_array<float>(info[5], napi_float32_array, fn, "gradB", a.out * a.rank, "out*rank");
+    b.k->backward(a, x, dy, dx, ga, gb);
+    return info.Env().Undefined();
+  }
+  static Napi::Value merge(const Napi::CallbackInfo& info) {
+    const Bound& b = bound_of(info);
+    const char* fn = b.name.c_str();
+    expect_argc(info, 2, fn);
+    const LayerArgs a = layer_args(info[0], *b.k, fn);
+    float* beta_out = typed_array<float>(info[1], napi_float32_array, fn, "betaOut", a.out * (a.in / b.k->group), "out*(in/g)");
+    b.k->merge(a, beta_out);
+    return info.Env().Undefined();
+  }
+};
+
+// kernels[backend] = { [id]: { quantize, dequantize, forward, backward, merge, bits, group } }. The Bound
+// records live as long as the process (an addon is never unloaded), hence the deliberate `new`.
+inline Napi::Object backend_table(Napi::Env env, const char* backend, const KernelFns* table, size_t n) {
+  static const char* names[5] = {"quantize", "dequantize", "forward", "backward", "merge"};
+  static Napi::Value (*const ops[5])(const Napi::CallbackInfo&) = {
+      guarded<KernelWrappers::quantize>, guarded<KernelWrappers::dequantize>, guarded<KernelWrappers::forward>,
+      guarded<KernelWrappers::backward>, guarded<KernelWrappers::merge>};
+  Napi::Object byId = Napi::Object::New(env);
+  for (size_t i = 0; i < n; i++) {
+    Napi::Object set = Napi::Object::New(env);
+    for (int j = 0; j < 5; j++) {
+      auto* bound = new Bound{&table[i], std::string(backend) + "." + table[i].id + "." + names[j]};
+      set.Set(names[j], Napi::Function::New(env, ops[j], names[j], bound));
+    }
+    set.Set("bits", Napi::Number::New(env, table[i].bits));
+    set.Set("group", Napi::Number::New(env, (double)table[i].group));
+    byId.Set(table[i].id, set);
+  }
+  return byId;
+}
+
+}  // namespace qalora::addon
+
+// Prototypes of one specialization's entry points in namespace qalora::<backend>::<id> (docs/ARCHITECTURE.md).
+#define QL_DECLARE_KERNELS(BACKEND, ID)                                                                        \
+  namespace qalora::BACKEND::ID {                                                                            \
+  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta);      \
+  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,   \
+                  float* w);                                                                                 \
+  void forward(const LayerArgs& a, const void* x, void* y);                                                  \
+  void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a, float* grad_b);  \
+  void merge(const LayerArgs& a, float* beta_out);                                                           \
+  }
+
+#define QL_KERNEL_ENTRY(BACKEND, ID, BITS, GROUP, ACT)                                                        \
+  {#ID, BITS, GROUP, qalora::addon::Act::ACT, &qalora::BACKEND::ID::quantize, &qalora::BACKEND::ID::dequantize, \
+   &qalora::BACKEND::ID::forward, &qalora::BACKEND::ID::backward, &qalora::BACKEND::ID::merge}

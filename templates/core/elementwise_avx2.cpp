@@ -1,0 +1,210 @@
+// Row-wise and element-wise core ops. Plain loops written so g++ -O3 -mavx2 vectorizes them; rows or element
+// ranges are split over the pool when a call is big enough to pay for it.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core_ops.h"
+#include "qalora_common.h"
+#include "cpu/threadpool.h"
+
+namespace qalora::core {
+namespace {
+constexpr int64_t ELEM_GRAIN = 1 << 15;
+int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, ELEM_GRAIN / std::max<int64_t>(1, dim)); }
+}  // namespace
+
+void embedding_forward(const float* table, const int32_t* ids, float* out, int64_t n, int64_t vocab, int64_t dim) {
+  cpu_rt::parallel_range(n, row_grain(dim), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const int32_t id = ids[i];
+      if (id < 0 || id >= vocab) std::memset(out + i * dim, 0, sizeof(float) * dim);  // callers validate ids
+      else std::memcpy(out + i * dim, table + (int64_t)id * dim, sizeof(float) * dim);
+    }
+  });
+}
+
+void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t n, int64_t vocab, int64_t dim) {
+  // Split over columns so rows hit by several ids never race.
+  cpu_rt::parallel_range(dim, 64, [&](int64_t cb, int64_t ce) {
+    for (int64_t i = 0; i < n; i++) {
+      const int32_t id = ids[i];
+      if (id < 0 || id >= vocab) continue;
+      float* dst = dtable + (int64_t)id * dim;
+      const float* src = dout + i * dim;
+      for (int64_t c = cb; c < ce; c++) dst[c] += src[c];
+    }
+  });
+}
+
+void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t dim, float eps) {
+  cpu_rt::parallel_range(rows, row_grain(dim), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; r++) {
+      const float* xr = x + r * dim;
+      float ss = 0.f;
+      for (int64_t i = 0; i < dim; i++) ss += xr[i] * xr[i];
+      const float s = 1.0f / std::sqrt(ss / (float)dim + eps);
+      rstd[r] = s;
+      float* yr = y + r * dim;
+      for (int64_t i = 0; i < dim; i++) yr[i] = w[i] * (s * xr[i]);
+    }
+  });
+}
+
+void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int64_t rows,
+                      int64_t dim) {
+  cpu_rt::parallel_range(rows, row_grain(dim), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; r++) {
+      const float* xr = x + r * dim;
+      const float* dyr = dy + r * dim;
+      const float s = rstd[r];
+      float dot = 0.f;
+      for (int64_t i = 0; i < dim; i++) dot += dyr[i] * w[i] * xr[i];
+      const float c = dot * s * s * s / (float)dim;
+      float* dxr = dx + r * dim;
+      for (int64_t i = 0; i < dim; i++) dxr[i] = s * w[i] * dyr[i] - c * xr[i];
+    }
+  });
+}
+
+namespace {
+// Rotates each head's pairs by ±pos·θ^(-2j/d): pairs (2j, 2j+1) in the Meta layout, (j, j + d/2) in HF's.
+void rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, float theta, bool rotate_half,
+          float sign) {
+  const int64_t half = head_dim / 2;
+  std::vector<float> inv_freq(half);
+  for (int64_t j = 0; j < half; j++) inv_freq[j] = 1.0f / std::pow(theta, (float)(2 * j) / (float)head_dim);
+  cpu_rt::parallel_range(rows, row_grain(heads * head_dim * 8), [&](int64_t b, int64_t e) {
+    std::vector<float> cs(half), sn(half);
+    for (int64_t r = b; r < e; r++) {
+      for (int64_t j = 0; j < half; j++) {
+        const float a = (float)pos[r] * inv_freq[j];
+        cs[j] = std::cos(a);
+        sn[j] = sign * std::sin(a);
+      }
+      for (int64_t h = 0; h < heads; h++) {
+        float* v = x + (r * heads + h) * head_dim;
+        for (int64_t j = 0; j < half; j++) {
+          const int64_t i0 = rotate_half ? j : 2 * j, i1 = rotate_half ? j + half : 2 * j + 1;
+          const float v0 = v[i0], v1 = v[i1];
+          v[i0] = v0 * cs[j] - v1 * sn[j];
+          v[i1] = v0 * sn[j] + v1 * cs[j];
+        }
+      }
+    }
+  });
+}
+}  // namespace
+
+void rope_forward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, float theta,
+                  bool rotate_half) {
+  rope(x, pos, rows, heads, head_dim, theta, rotate_half, 1.0f);
+}
+
+// The rotation is orthogonal: its gradient is the inverse rotation.
+void rope_backward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, float theta,
+                   bool rotate_half) {
+  rope(dx, pos, rows, heads, head_dim, theta, rotate_half, -1.0f);
+}
+
+void swiglu_forward(const float* gate, const float* up, float* out, int64_t n) {
+  cpu_rt::parallel_range(n, ELEM_GRAIN, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const float g = gate[i];
+      out[i] = g * (1.0f / (1.0f + std::exp(-g))) * up[i];
+    }
+  });
+}
+
+void swiglu_backward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) {
+  cpu_rt::parallel_range(n, ELEM_GRAIN, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const float g = gate[i], s = 1.0f / (1.0f + std::exp(-g)), d = dout[i];
+      dup[i] = d * g * s;
+      dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
+    }
+  });
+}
+
+namespace {
+// Loss of one row (max-shifted log-sum-exp, summed in double) and, when `grad`, its softmax gradient. The
+// exponentials are computed once, into grad when there is one (grad may alias z: z[target] is read first).
+double ce_row(const float* z, int32_t target, int64_t vocab, float scale, float* grad) {
+  float mx = z[0];
+  for (int64_t i = 1; i < vocab; i++) mx = std::max(mx, z[i]);
+  const float zt = z[target];
+  double sum = 0.0;
+  if (grad) {
+    for (int64_t i = 0; i < vocab; i++) {
+      grad[i] = std::exp(z[i] - mx);
+      sum += grad[i];
+    }
+    const float k = (float)(scale / sum);
+    for (int64_t i = 0; i < vocab; i++) grad[i] *= k;
+    grad[target] -= scale;
+  } else {
+    for (int64_t i = 0; i < vocab; i++) sum += std::exp(z[i] - mx);
+  }
+  return (double)mx + std::log(sum) - (double)zt;
+}
+
+double cross_entropy(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float scale,
+                     float* dlogits) {
+  std::vector<double> partial(n, 0.0);
+  cpu_rt::parallel_range(n, row_grain(vocab * 4), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; r++) {
+      const int32_t t = targets[r];
+      float* g = dlogits ? dlogits + r * vocab : nullptr;
+      if (t < 0 || t >= vocab) {  // ignored position
+        if (g) std::memset(g, 0, sizeof(float) * vocab);
+        continue;
+      }
+      partial[r] = ce_row(logits + r * vocab, t, vocab, scale, g);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+}  // namespace
+
+double cross_entropy_forward(const float* logits, const int32_t* targets, int64_t n, int64_t vocab) {
+  return cross_entropy(logits, targets, n, vocab, 0.f, nullptr);
+}
+
+double cross_entropy_backward(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float scale,
+                              float* dlogits) {
+  return cross_entropy(logits, targets, n, vocab, scale, dlogits);
+}
+
+void add_inplace(float* y, const float* x, int64_t n) {
+  cpu_rt::parallel_range(n, ELEM_GRAIN * 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) y[i] += x[i];
+  });
+}
+
+namespace {
+/// y[i] = one(x[i]) over the pool; `one` is a lambda so the conversion inlines into the loop.
+template <class In, class Out, class One>
+void convert(const In* x, Out* y, int64_t n, One one) {
+  cpu_rt::parallel_range(n, ELEM_GRAIN, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) y[i] = one(x[i]);
+  });
+}
+}  // namespace
+
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  convert(x, y, n, [](float v) { return qalora::f32_to_f16(v); });
+}
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  convert(x, y, n, [](uint16_t v) { return qalora::f16_to_f32(v); });
+}
+void f32_to_bf16(const float* x, uint16_t* y, int64_t n) {
+  convert(x, y, n, [](float v) { return qalora::f32_to_bf16(v); });
+}
+void bf16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  convert(x, y, n, [](uint16_t v) { return qalora::bf16_to_f32(v); });
+}
+
+}  // namespace qalora::core

@@ -1,0 +1,51 @@
+// Everything one instruction-set build of the CPU kernels needs. Each translation unit that includes it first
+// defines QL_ISA_NS (portable or avx2), so the two builds live in different namespaces and can never
+// exchange an inline function compiled for the wrong CPU.
+#pragma once
+#ifndef QL_ISA_NS
+#error "define QL_ISA_NS (portable or avx2) before including kernels_impl.h"
+#endif
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "qalora_common.h"
+#include "threadpool.h"
+#include "vec8.h"
+#include "gemm.h"
+#include "pack.h"
+#include "layer.h"
+
+/// The ABI entry points of one specialization in this build: qalora::cpu_isa::<isa>::<ID>::{quantize, …}.
+/// Only BITS and whether GROUP is a multiple of 32 select code; the rest are constants passed down.
+#define QL_CPU_DEFINE_SPEC(ID, BITS, GROUP, DTYPE, POOL, MC, NC, KC, GEMV_MAX_ROWS)                              \
+  namespace qalora::cpu_isa::QL_ISA_NS::ID {                                                                    \
+  using Impl = QuantLayer<BITS, (GROUP) % 32 == 0>;                                                             \
+  constexpr SpecConsts kSpec{GROUP, DType::DTYPE, Pool::POOL, Blocking{MC, NC, KC}, GEMV_MAX_ROWS};             \
+  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta) {       \
+    Impl::quantize(kSpec, w, out, in, qweight, alpha, beta);                                                    \
+  }                                                                                                             \
+  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,     \
+                  float* w) {                                                                                   \
+    Impl::dequantize(kSpec, qweight, alpha, beta, out, in, w);                                                  \
+  }                                                                                                             \
+  void forward(const LayerArgs& a, const void* x, void* y) { Impl::forward(kSpec, a, x, y); }                  \
+  void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a, float* grad_b) {   \
+    Impl::backward(kSpec, a, x, dy, dx, grad_a, grad_b);                                                        \
+  }                                                                                                             \
+  void merge(const LayerArgs& a, float* beta_out) { QL_ISA_NS::merge(kSpec, a, beta_out); }                     \
+  }
+
+/// Fixed float operations of this build (see float_gemm.h).
+#define QL_CPU_DEFINE_FLOAT_OPS()                                                                               \
+  namespace qalora::cpu_isa::QL_ISA_NS {                                                                        \
+  void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,     \
+                int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {                           \
+    gemm_strided(m, n, k, {a, a_rs, a_cs}, {b, b_rs, b_cs}, c, ldc, accumulate);                                \
+  }                                                                                                             \
+  }

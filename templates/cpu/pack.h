@@ -1,0 +1,138 @@
+// The packed layout 'blocked32' (qalora_common.h) read 32 inputs at a time: one block of BITS words unpacks to
+// four 8-lane vectors of q in input order. The GEMV dots them with x directly (no dequantized copy of W); the
+// panel packers below turn them into α·q + β for the GEMM engine (gemm.h), transposed for the forward pass
+// (B = Ŵᵀ) and as is for the backward pass (B = Ŵ).
+#ifndef QL_ISA_NS
+#error "include through kernels_impl.h"
+#endif
+
+namespace qalora::cpu_isa::QL_ISA_NS {
+
+/// Shifts that bring input 8c+l of a block to bit 0 of lane l: for 2 and 4 bits, of the chunk's one word;
+/// for 3 bits, of the word holding its low two bits (`shift`), and the shift that brings its bit 2 (bit i of
+/// word 2) to bit 2 in place (`top`: i − 2, except chunk 0 whose word is pre-shifted left by 2: i).
+template <int BITS>
+struct BlockShifts {
+  int32_t shift[4][8], top[4][8];
+  constexpr BlockShifts() : shift(), top() {
+    const int per = BITS == 3 ? 16 : 32 / BITS, width = BITS == 3 ? 2 : BITS;
+    for (int i = 0; i < 32; i++) {
+      shift[i / 8][i % 8] = (i % per) * width;
+      top[i / 8][i % 8] = i < 8 ? i : i - 2;
+    }
+  }
+};
+
+/// q of the 32 inputs of one block, as four vectors of 8 floats in input order. Words are broadcast, shifted
+/// per lane and masked (8-bit: bytes zero-extended), so no lane shuffles are needed.
+template <int BITS>
+inline void unpack_block(const uint32_t* blk, f8 q[4]) {
+  static constexpr BlockShifts<BITS> lay{};
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; c++) {
+    u8v v;
+    if constexpr (BITS == 8) {
+      v = u8_bytes(blk + 2 * c);
+    } else if constexpr (BITS == 3) {
+      const u8v low = u8_and(u8_shr(u8_bcast(blk + c / 2), u8_setr(lay.shift[c])), 3u);
+      const u8v word2 = c == 0 ? u8_shl(u8_bcast(blk + 2), 2) : u8_bcast(blk + 2);
+      v = u8_or(low, u8_and(u8_shr(word2, u8_setr(lay.top[c])), 4u));
+    } else {
+      v = u8_and(u8_shr(u8_bcast(blk + (8 * c) / (32 / BITS)), u8_setr(lay.shift[c])), (1u << BITS) - 1u);
+    }
+    q[c] = u8_to_f8(v);
+  }
+}
+
+/// The quantized weight as the packers and the GEMV see it.
+struct QuantView {
+  const uint32_t* q;
+  const float* alpha;
+  const float* beta;
+  int64_t in, out, words_per_row, group, groups;
+  const uint32_t* row(int64_t o) const { return q + o * words_per_row; }
+};
+
+/// Ŵ[o, i0 .. i0+32) for a block-aligned i0 whose 32 inputs share group g (the group a multiple of 32).
+template <int BITS>
+inline void dequant_block(const QuantView& w, int64_t o, int64_t i0, int64_t g, f8 v[4]) {
+  unpack_block<BITS>(w.row(o) + (i0 >> 5) * BITS, v);
+  const f8 a = f8_set1(w.alpha[o * w.groups + g]), b = f8_set1(w.beta[o * w.groups + g]);
+  for (int c = 0; c < 4; c++) v[c] = f8_fma(v[c], a, b);
+}
+
+template <int BITS>
+inline float dequant_one(const QuantView& w, int64_t o, int64_t i) {
+  const int64_t g = o * w.groups + i / w.group;
+  return w.alpha[g] * (float)unpack_q(w.row(o), i, BITS) + w.beta[g];
+}
+
+/// Walks the 32-blocks of [i0, i0 + n) of a row (i0 a multiple of 32), calling body(i, group of i) without a
+/// division per block.
+template <class Body>
+inline void for_each_block(const QuantView& w, int64_t i0, int64_t n, Body&& body) {
+  int64_t g = i0 / w.group, next = (g + 1) * w.group;
+  for (int64_t i = i0; i < i0 + n; i += 32) {
+    if (i >= next) {
+      g++;
+      next += w.group;
+    }
+    body(i, g);
+  }
+}
+
+/// Forward: B(k, n) = Ŵ[n, k], so each output row o fills one column of a [kc][NR] slice.
+/// FAST (group a multiple of 32) needs k0 and kc to be multiples of 32; the caller's blocking guarantees it.
+template <int BITS, bool FAST>
+void pack_w_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* panel) {
+  const QuantView& w = *static_cast<const QuantView*>(ctx);
+  for (int64_t j = 0; j < nc; j += NR) {
+    float* slice = panel + (j / NR) * kc * NR;
+    for (int col = 0; col < NR; col++) {
+      const int64_t o = n0 + j + col;
+      if (j + col >= nc) {
+        for (int64_t k = 0; k < kc; k++) slice[k * NR + col] = 0.f;
+      } else if constexpr (FAST) {
+        for_each_block(w, k0, kc, [&](int64_t i, int64_t g) {
+          alignas(32) float tmp[32];
+          f8 v[4];
+          dequant_block<BITS>(w, o, i, g, v);
+          for (int c = 0; c < 4; c++) f8_store(tmp + 8 * c, v[c]);
+          float* dst = slice + (i - k0) * NR + col;
+          for (int t = 0; t < 32; t++) dst[t * NR] = tmp[t];
+        });
+      } else {
+        for (int64_t k = 0; k < kc; k++) slice[k * NR + col] = dequant_one<BITS>(w, o, k0 + k);
+      }
+    }
+  }
+}
+
+/// Backward: B(k, n) = Ŵ[k, n], so a row of W fills a row of consecutive slices. FAST needs n0 and nc to be
+/// multiples of 32.
+template <int BITS, bool FAST>
+void pack_w(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* panel) {
+  const QuantView& w = *static_cast<const QuantView*>(ctx);
+  const int64_t slice_size = kc * NR;
+  for (int64_t k = 0; k < kc; k++) {
+    const int64_t o = k0 + k;
+    if constexpr (FAST) {
+      for_each_block(w, n0, nc, [&](int64_t i, int64_t g) {
+        f8 v[4];
+        dequant_block<BITS>(w, o, i, g, v);
+        float* dst = panel + ((i - n0) / NR) * slice_size + k * NR;
+        f8_store(dst, v[0]);
+        f8_store(dst + 8, v[1]);
+        f8_store(dst + slice_size, v[2]);
+        f8_store(dst + slice_size + 8, v[3]);
+      });
+    } else {
+      const int64_t padded = (nc + NR - 1) / NR * NR;
+      for (int64_t n = 0; n < padded; n++) {
+        panel[(n / NR) * slice_size + k * NR + n % NR] = n < nc ? dequant_one<BITS>(w, o, n0 + n) : 0.f;
+      }
+    }
+  }
+}
+
+}  // namespace qalora::cpu_isa::QL_ISA_NS

@@ -1,0 +1,92 @@
+// Eight fp32 / u32 lanes: AVX2+FMA+F16C intrinsics when the translation unit is compiled with them
+// (kernels_cpu_avx2.cpp), plain arrays the compiler vectorizes as it can otherwise. The kernels are written
+// once against this header; it is the only place the two builds differ. Included inside the per-ISA
+// namespace (see kernels_impl.h), so the two builds never share an inline symbol.
+#ifndef QL_ISA_NS
+#error "include through kernels_impl.h"
+#endif
+
+namespace qalora::cpu_isa::QL_ISA_NS {
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QL_VEC8_AVX2 1
+struct f8 { __m256 v; };
+struct u8v { __m256i v; };
+inline f8 f8_zero() { return {_mm256_setzero_ps()}; }
+inline f8 f8_set1(float x) { return {_mm256_set1_ps(x)}; }
+inline f8 f8_load(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void f8_store(float* p, f8 a) { _mm256_storeu_ps(p, a.v); }
+inline f8 f8_add(f8 a, f8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline f8 f8_fma(f8 a, f8 b, f8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline float f8_sum(f8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+/// Word *p in every lane (a broadcast load: no shuffle port on most x86 cores).
+inline u8v u8_bcast(const uint32_t* p) { return {_mm256_set1_epi32((int)*p)}; }
+/// The 8 bytes at p zero-extended, byte l to lane l.
+inline u8v u8_bytes(const uint32_t* p) { return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))}; }
+inline u8v u8_setr(const int32_t* lanes) { return {_mm256_loadu_si256((const __m256i*)lanes)}; }
+inline u8v u8_shr(u8v a, u8v count) { return {_mm256_srlv_epi32(a.v, count.v)}; }
+inline u8v u8_shl(u8v a, int count) { return {_mm256_slli_epi32(a.v, count)}; }
+inline u8v u8_and(u8v a, uint32_t m) { return {_mm256_and_si256(a.v, _mm256_set1_epi32((int)m))}; }
+inline u8v u8_or(u8v a, u8v b) { return {_mm256_or_si256(a.v, b.v)}; }
+inline f8 u8_to_f8(u8v a) { return {_mm256_cvtepi32_ps(a.v)}; }
+inline f8 f8_from_f16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+inline void f8_to_f16(uint16_t* p, f8 a) {
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+struct f8 { float v[8]; };
+struct u8v { uint32_t v[8]; };
+#define QL_LANES(expr) for (int l = 0; l < 8; l++) expr
+inline f8 f8_zero() { f8 r; QL_LANES(r.v[l] = 0.f); return r; }
+inline f8 f8_set1(float x) { f8 r; QL_LANES(r.v[l] = x); return r; }
+inline f8 f8_load(const float* p) { f8 r; QL_LANES(r.v[l] = p[l]); return r; }
+inline void f8_store(float* p, f8 a) { QL_LANES(p[l] = a.v[l]); }
+inline f8 f8_add(f8 a, f8 b) { QL_LANES(a.v[l] += b.v[l]); return a; }
+inline f8 f8_fma(f8 a, f8 b, f8 c) { QL_LANES(c.v[l] += a.v[l] * b.v[l]); return c; }
+inline float f8_sum(f8 a) {
+  return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7]));
+}
+inline u8v u8_bcast(const uint32_t* p) { u8v r; QL_LANES(r.v[l] = *p); return r; }
+inline u8v u8_bytes(const uint32_t* p) {
+  u8v r;
+  QL_LANES(r.v[l] = (p[l / 4] >> (8 * (l % 4))) & 0xffu);
+  return r;
+}
+inline u8v u8_setr(const int32_t* lanes) { u8v r; QL_LANES(r.v[l] = (uint32_t)lanes[l]); return r; }
+inline u8v u8_shr(u8v a, u8v count) { QL_LANES(a.v[l] >>= count.v[l]); return a; }
+inline u8v u8_shl(u8v a, int count) { QL_LANES(a.v[l] <<= count); return a; }
+inline u8v u8_and(u8v a, uint32_t m) { QL_LANES(a.v[l] &= m); return a; }
+inline u8v u8_or(u8v a, u8v b) { QL_LANES(a.v[l] |= b.v[l]); return a; }
+inline f8 u8_to_f8(u8v a) { f8 r; QL_LANES(r.v[l] = (float)a.v[l]); return r; }
+inline f8 f8_from_f16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = f16_to_f32(p[l])); return r; }
+inline void f8_to_f16(uint16_t* p, f8 a) { QL_LANES(p[l] = f32_to_f16(a.v[l])); }
+#undef QL_LANES
+#endif
+
+// ---- Activation storage: fp16 / bf16 rows to and from fp32 (fp32 rows are used in place) --------------------
+struct Fp16 { using T = uint16_t; };
+struct Bf16 { using T = uint16_t; };
+
+inline void to_f32(Fp16, const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) f8_store(dst + i, f8_from_f16(src + i));
+  for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+inline void to_f32(Bf16, const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+inline void from_f32(Fp16, const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) f8_to_f16(dst + i, f8_load(src + i));
+  for (; i < n; i++) dst[i] = f32_to_f16(src[i]);
+}
+inline void from_f32(Bf16, const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+}  // namespace qalora::cpu_isa::QL_ISA_NS

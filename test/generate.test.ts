@@ -1,0 +1,44 @@
+// `qalora generate` against llama2.c's own output (../shared/golden): greedy from BOS, with a prompt, from the
+// GGUF v1 copy of the model, and for a second model (aidreams260K), all through the real CLI.
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+
+function qalora(args: string[]): { stdout: string } {
+  const stdout = execFileSync(process.execPath, [join(repoRoot, 'bin/qalora.mjs'), ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  return { stdout };
+}
+
+const S = 'models/stories260K/';
+const cases: Array<{ name: string; model: string; args: string[]; golden: string; extra?: string[] }> = [
+  { name: 'stories260K .bin, greedy -n 200', model: `${S}stories260K.bin`, args: ['-z', fixture(`${S}tok512.bin`), '-n', '200'], golden: 'golden/stories260K_greedy_n200.txt' },
+  { name: 'stories260K .bin, "Once upon a time" -n 64', model: `${S}stories260K.bin`, args: ['-z', fixture(`${S}tok512.bin`), '-n', '64', '--prompt', 'Once upon a time'], golden: 'golden/stories260K_prompt_once_n64.txt' },
+  { name: 'stories260K GGUF v1, greedy -n 200', model: `${S}stories260K-f32.gguf-v1.gguf`, args: ['-n', '200'], golden: 'golden/stories260K_greedy_n200.txt' },
+  { name: 'stories260K GGUF v1, "Once upon a time" -n 64', model: `${S}stories260K-f32.gguf-v1.gguf`, args: ['-n', '64', '--prompt', 'Once upon a time'], golden: 'golden/stories260K_prompt_once_n64.txt' },
+  { name: 'aidreams260K .bin, greedy -n 128', model: 'models/aidreams260K/aidreams260K.bin', args: ['-n', '128'], golden: 'golden/aidreams260K_greedy_n128.txt' },
+];
+
+describe('qalora generate matches llama2.c', () => {
+  for (const c of cases) {
+    it(c.name, () => {
+      if (!haveFixtures(c.model, c.golden)) return;
+      const { stdout } = qalora(['generate', '--model', fixture(c.model), '--temperature', '0', ...c.args]);
+      expect(stdout).toBe(readFileSync(fixture(c.golden), 'utf8'));
+    });
+  }
+
+  it('--max-tokens counts new tokens; -n counts positions including BOS and the prompt', () => {
+    if (!haveFixtures(`${S}stories260K.bin`, 'golden/stories260K_prompt_once_n64.txt')) return;
+    const base = ['generate', '--model', fixture(`${S}stories260K.bin`), '-t', '0', '--prompt', 'Once upon a time'];
+    // The prompt is 5 tokens with BOS, so -n 64 makes 60 new tokens: the same text as --max-tokens 60.
+    expect(qalora([...base, '--max-tokens', '60']).stdout).toBe(readFileSync(fixture('golden/stories260K_prompt_once_n64.txt'), 'utf8'));
+    expect(qalora([...base, '--max-tokens', '0']).stdout).toBe('Once upon a time\n');
+  });
+
+  it('bad flags give a clear error', () => {
+    if (!haveFixtures(`${S}stories260K.bin`)) return;
+    expect(() => qalora(['generate', '--model', fixture(`${S}stories260K.bin`), '-n', '5', '--max-tokens', '3'])).toThrow(/give -n or --max-tokens, not both/);
+  });
+});
