@@ -1,7 +1,8 @@
 // `qalora exec` end to end: tensors written to safetensors, one kernel run through the CLI on the CPU backend,
 // results read back and compared with the float64 reference (runtime/reference/) — every bits value, a group
 // that is not a multiple of 32, M = 1 and M > 64, all three dtypes and pooling conventions — plus the errors a
-// user meets (missing tensor, wrong shape or dtype, bad flags) and the inline-layer path.
+// user meets (missing tensor, wrong shape or dtype, bad flags) and the inline-layer path; and `--backend emu`
+// (the CUDA kernels run by the emulator) against `--backend cpu` on the same files.
 import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,6 +14,7 @@ import { register } from '../runtime/cli/exec.ts';
 import { decodeAct, encodeAct, type ActDType } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
 import { readSafetensors, tensorOf, writeSafetensors, type SafeTensor } from '../runtime/safetensors.ts';
+import { uniformStream } from '../runtime/random.ts';
 import { tempDir, removeTempDirs } from './compiler-helpers.ts';
 import { repoRoot } from './fixtures.ts';
 
@@ -37,14 +39,8 @@ const ACT = { fp32: 'F32', fp16: 'F16', bf16: 'BF16' } as const;
 const ROUNDING = { fp32: 2 ** -23, fp16: 2 ** -11, bf16: 2 ** -8 } as const;
 
 function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
-  };
+  const u = uniformStream(seed);
+  return () => u() - 0.5;
 }
 const randoms = (n: number, seed: number, scale = 1) => {
   const r = rng(seed);
@@ -238,4 +234,51 @@ describe('qalora exec on the cpu backend vs the reference', () => {
     expect(bad.stderr).toMatch(/^qalora: --group 33 does not divide --in-features 64/m);
     expect(bad.stderr).not.toMatch(/\n\s+at /); // a user error prints no stack
   });
+});
+
+describe('qalora exec --backend emu (the generated CUDA run on the CPU) vs --backend cpu', () => {
+  let dir: string;
+  const io = (name: string) => join(dir, `${name}.safetensors`);
+  beforeAll(() => {
+    dir = tempDir('exec-emu');
+  });
+
+  // fp32 activations: the CUDA kernels take their fp32 SIMT path, so both backends compute in fp32.
+  const cases = [
+    { label: '4-bit g32', flags: ['--in-features', '96', '--out-features', '40', '--bits', '4', '--group', '32'], in: 96, out: 40, g: 32 },
+    { label: '3-bit g43', flags: ['--in-features', '172', '--out-features', '24', '--bits', '3', '--group', '43'], in: 172, out: 24, g: 43 },
+  ];
+  for (const c of cases) {
+    it(`${c.label}: quantize bit for bit; forward, backward and merge at M = 1 and 70 within fp32 rounding`, async () => {
+      const layer = [...c.flags, '--rank', '3', '--alpha', '8', '--dtype', 'fp32'];
+      const run = async (backend: string, op: string, input: string) => {
+        const out = io(`${c.g}-${op}-${backend}`);
+        const r = await exec('--backend', backend, '--op', op, '--in', io(input), '--out', out, ...layer);
+        expect(r.error, `${backend} ${op}`).toBeUndefined();
+        return readSafetensors(out).tensors;
+      };
+      const same = (name: string, emu: SafeTensor, cpu: SafeTensor) => {
+        const [e, k] = [f32Of(emu), f32Of(cpu)];
+        expectClose(name, e, k, (i) => 1e-5 * (Math.abs(k[i]) + 1));
+      };
+      writeSafetensors(io(`${c.g}-w`), { w: tensorOf('F32', [c.out, c.in], randoms(c.out * c.in, c.g, 0.2)) });
+      const [qe, qc] = [await run('emu', 'quantize', `${c.g}-w`), await run('cpu', 'quantize', `${c.g}-w`)];
+      for (const t of ['qweight', 'alpha', 'beta']) expect(qe.get(t)!.data, t).toEqual(qc.get(t)!.data);
+      const L = c.in / c.g;
+      for (const m of [1, 70]) {
+        writeSafetensors(io(`${c.g}-in`), {
+          qweight: qc.get('qweight')!, alpha: qc.get('alpha')!, beta: qc.get('beta')!,
+          lora_a: tensorOf('F32', [3, L], randoms(3 * L, m + 1, 0.5)), lora_b: tensorOf('F32', [c.out, 3], randoms(c.out * 3, m + 2, 0.5)),
+          x: tensorOf('F32', [m, c.in], randoms(m * c.in, m + 3)), dy: tensorOf('F32', [m, c.out], randoms(m * c.out, m + 4)),
+        });
+        const [ye, yc] = [await run('emu', 'forward', `${c.g}-in`), await run('cpu', 'forward', `${c.g}-in`)];
+        same(`y (M=${m})`, ye.get('y')!, yc.get('y')!);
+        const [ge, gc] = [await run('emu', 'backward', `${c.g}-in`), await run('cpu', 'backward', `${c.g}-in`)];
+        for (const t of ['dx', 'grad_lora_a', 'grad_lora_b']) same(`${t} (M=${m})`, ge.get(t)!, gc.get(t)!);
+      }
+      const [me, mc] = [await run('emu', 'merge', `${c.g}-in`), await run('cpu', 'merge', `${c.g}-in`)];
+      expect(me.get('qweight')!.data).toEqual(mc.get('qweight')!.data);
+      same('merged beta', me.get('beta')!, mc.get('beta')!);
+    });
+  }
 });

@@ -283,15 +283,7 @@ inline Napi::Object backend_table(Napi::Env env, const char* backend, const Kern
 }  // namespace qalora::addon
 
 // Prototypes of one specialization's entry points in namespace qalora::<backend>::<id> (docs/ARCHITECTURE.md).
-#define QL_DECLARE_KERNELS(BACKEND, ID)                                                                        \
-  namespace qalora::BACKEND::ID {                                                                            \
-  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta);      \
-  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,   \
-                  float* w);                                                                                 \
-  void forward(const LayerArgs& a, const void* x, void* y);                                                  \
-  void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a, float* grad_b);  \
-  void merge(const LayerArgs& a, float* beta_out);                                                           \
-  }
+#define QL_DECLARE_KERNELS(BACKEND, ID) QL_DECLARE_LAYER_KERNELS(qalora::BACKEND::ID)
 
 #define QL_KERNEL_ENTRY(BACKEND, ID, BITS, GROUP, ACT)                                                        \
   {#ID, BITS, GROUP, qalora::addon::Act::ACT, &qalora::BACKEND::ID::quantize, &qalora::BACKEND::ID::dequantize, \

@@ -32,6 +32,19 @@ struct LayerArgs {
   uint64_t seed;            // dropout stream
 };
 
+// The entry points of one specialization (docs/ARCHITECTURE.md), declared in namespace NS — e.g.
+// qalora::cpu::b4_g32_fp32_mean. Every backend defines them; the addon and the CPU dispatcher declare them here.
+#define QL_DECLARE_LAYER_KERNELS(NS)                                                                            \
+  namespace NS {                                                                                              \
+  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta);       \
+  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,    \
+                  float* w);                                                                                  \
+  void forward(const ::qalora::LayerArgs& a, const void* x, void* y);                                         \
+  void backward(const ::qalora::LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a,         \
+                float* grad_b);                                                                               \
+  void merge(const ::qalora::LayerArgs& a, float* beta_out);                                                  \
+  }
+
 // ---- Packed layout 'blocked32' -------------------------------------------------------------------------
 // Each row of W is split into blocks of 32 inputs (the last block zero-padded); a block takes exactly `bits`
 // u32 words, so a row takes words_per_row = ceil(in/32) * bits words and nothing is wasted, 3-bit included.

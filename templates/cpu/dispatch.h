@@ -36,15 +36,7 @@ inline bool use_avx2() {
 #endif
 
 /// The ABI declarations of one specialization, for every build.
-#define QL_CPU_DECLARE_SPEC_IN(NS, ID)                                                                            \
-  namespace NS::ID {                                                                                              \
-  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta);          \
-  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,       \
-                  float* w);                                                                                      \
-  void forward(const LayerArgs& a, const void* x, void* y);                                                       \
-  void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a, float* grad_b);      \
-  void merge(const LayerArgs& a, float* beta_out);                                                                \
-  }
+#define QL_CPU_DECLARE_SPEC_IN(NS, ID) QL_DECLARE_LAYER_KERNELS(NS::ID)
 
 /// The public entry points qalora::cpu::<ID>::{quantize, …} of docs/ARCHITECTURE.md.
 #define QL_CPU_PUBLIC_SPEC(ID)                                                                                    \
