@@ -42,7 +42,7 @@ function hash(...parts: string[]): string {
 
 function runtimeSources(): string[] {
   return readdirSync(emuDir)
-    .filter((f) => f.endsWith('.cpp') && f !== 'kernels_emu.cpp')
+    .filter((f) => f.endsWith('.cpp'))
     .sort();
 }
 
