@@ -92,12 +92,20 @@ export async function emitBindings(input: BindingsInput): Promise<string> {
       returnType: op.returns === 'f64' ? 'number' : 'void',
     })),
   });
+  const gpuOps = ops.filter((op) => op.cuda);
+  file.addTypeAlias({
+    name: 'GpuCoreOps',
+    isExported: true,
+    docs: ['The core ops with a GPU twin (descriptors marked "cuda": true), same signatures.'],
+    type: gpuOps.length ? `Pick<CoreOps, ${gpuOps.map((op) => `'${op.name}'`).join(' | ')}>` : 'Record<string, never>',
+  });
   file.addInterface({
     name: 'Addon',
     isExported: true,
     properties: [
       { name: 'kernels', type: 'Kernels' },
       { name: 'core', type: 'CoreOps' },
+      { name: 'coreOn', type: `{ cuda?: GpuCoreOps; emu?: GpuCoreOps }`, docs: ['GPU core ops per compiled backend (cuda, emu).'] },
       { name: 'specName', type: 'string' },
       { name: 'specHash', type: 'string' },
       { name: 'compilerVersion', type: 'string' },

@@ -37,6 +37,11 @@ export interface OpDescriptor {
   cpp: string;
   args: OpArg[];
   returns: 'void' | 'f64';
+  /**
+   * Also implemented on the GPU as qalora::<cuda|emu>::core::<fn> (templates/cuda/core.cu), same signature; the
+   * addon then exposes it as coreOn.<backend>.<name> as well. Only for ops named qalora::core::<fn>.
+   */
+  cuda?: boolean;
   /** Where it was declared, for error messages. */
   source: string;
 }
@@ -84,9 +89,12 @@ export function parseOpDescriptors(json: unknown, source: string): OpDescriptor[
       if ((arg.const !== undefined || arg.len !== undefined) && !isArrayType(arg.type)) fail(aw, `"const"/"len" apply to array arguments only ("${arg.name}" is ${arg.type})`);
       return { name: arg.name, type: arg.type, const: arg.const === true ? true : undefined, len: typeof arg.len === 'string' ? arg.len : undefined } as OpArg;
     });
+    if (d.cuda !== undefined && typeof d.cuda !== 'boolean') fail(where, `"cuda" must be true or false, got ${JSON.stringify(d.cuda)}`);
+    if (d.cuda === true && !/^qalora::core::[A-Za-z_][A-Za-z0-9_]*$/.test(d.cpp))
+      fail(where, `"cuda": true needs "cpp" to be qalora::core::<fn> (the GPU twin is qalora::<backend>::core::<fn>), got ${JSON.stringify(d.cpp)}`);
     const intScalars = new Set(args.filter((a) => ['i32', 'i64', 'u64'].includes(a.type)).map((a) => a.name));
     for (const a of args) if (a.len) checkLenExpr(a.len, intScalars, `${where} arg ${a.name}`);
-    return { name: d.name, doc: typeof d.doc === 'string' ? d.doc : undefined, cpp: d.cpp, args, returns, source } as OpDescriptor;
+    return { name: d.name, doc: typeof d.doc === 'string' ? d.doc : undefined, cpp: d.cpp, args, returns, cuda: d.cuda === true ? true : undefined, source } as OpDescriptor;
   });
 }
 

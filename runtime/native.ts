@@ -49,6 +49,8 @@ export type CoreOps = Record<string, (...args: any[]) => any>;
 export interface Addon {
   kernels: Partial<Record<BackendName, Record<string, KernelSet>>>;
   core: CoreOps;
+  /** The core ops a GPU backend also implements ("cuda": true descriptors), present only for compiled backends. */
+  coreOn?: Partial<Record<BackendName, CoreOps>>;
   backends(): BackendName[];
   /** "ok: <device>, sm_XY" or "unavailable: <reason>"; never throws. */
   cudaStatus(): string;
@@ -96,6 +98,7 @@ export async function loadKernels(spec: ResolvedSpec, opts: LoadOptions = {}): P
     ...addon,
     kernels: addon.kernels,
     core: addon.core,
+    coreOn: addon.coreOn,
     backends: () => addon.backends(),
     cudaStatus: () => addon.cudaStatus(),
     plan,

@@ -131,6 +131,38 @@ describe('adapter gradients match finite differences', () => {
   it('emulated CUDA backend (the generated .cu run on the CPU)', async () => {
     await gradCheck('emu', false, 3);
   });
+  it('emulated CUDA backend, core ops included, gives the cpu backend\'s logits, loss and gradients', async () => {
+    const weights = randomWeights(CONFIG, 9);
+    const onCpu = await LlamaModel.create(weights, { backend: 'cpu', spec: smallSpec(CONFIG, DROPOUT, 'cpu'), seed: 3 });
+    const onEmu = await LlamaModel.create(weights, { backend: 'emu', spec: smallSpec(CONFIG, DROPOUT, 'emu'), seed: 3 });
+    // The model step really runs the GPU core ops (templates/cuda/core.cu), not the CPU ones.
+    const coreOf = (m: LlamaModel) => (m as unknown as { runner: { core: Record<string, unknown> } }).runner.core;
+    expect(coreOf(onEmu).attention_forward).not.toBe(coreOf(onCpu).attention_forward);
+    const r = rng(21);
+    onCpu.adapters.forEach((set, l) => {
+      for (const [p, ad] of Object.entries(set)) {
+        for (const t of [ad!.a, ad!.b]) for (let i = 0; i < t.length; i++) t[i] = (2 * r() - 1) * 0.4;
+        onEmu.adapters[l][p as ProjectionName]!.a.set(ad!.a);
+        onEmu.adapters[l][p as ProjectionName]!.b.set(ad!.b);
+      }
+    });
+    const tokens = Int32Array.from({ length: 10 }, () => Math.floor(r() * CONFIG.vocab));
+    const targets = Int32Array.from(tokens, (t) => (t + 1) % CONFIG.vocab);
+    const mask = Uint8Array.from(tokens, (_, i) => (i === 3 ? 0 : 1)); // one ignored row through the GPU cross-entropy
+    const a = onCpu.logits(tokens, 2, 5), b = onEmu.logits(tokens, 2, 5);
+    for (let i = 0; i < a.length; i++) expect(Math.abs(a[i] - b[i]), `logits[${i}]`).toBeLessThan(1e-4 * (1 + Math.abs(a[i])));
+    const gc = onCpu.lossAndGrad(tokens, targets, 2, 5, { mask }), ge = onEmu.lossAndGrad(tokens, targets, 2, 5, { mask });
+    expect(ge.count).toBe(gc.count);
+    expect(Math.abs(ge.loss - gc.loss)).toBeLessThan(1e-4 * (1 + Math.abs(gc.loss)));
+    gc.grads.forEach((set, l) => {
+      for (const [p, g] of Object.entries(set)) {
+        for (const which of ['a', 'b'] as const) {
+          const x = g![which], y = ge.grads[l][p as ProjectionName]![which];
+          for (let i = 0; i < x.length; i++) expect(Math.abs(x[i] - y[i]), `layers.${l}.${p}.${which}[${i}]`).toBeLessThan(1e-4 * (1 + Math.abs(x[i])));
+        }
+      }
+    });
+  });
 });
 
 describe('fp16 and bf16 activations', () => {

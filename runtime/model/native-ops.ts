@@ -55,6 +55,7 @@ export function specializationId(s: { bits: number; group: number; dtype: ActDTy
 
 interface LoadedAddon {
   core: CoreOps;
+  coreOn?: Partial<Record<BackendName, Partial<CoreOps>>>;
   kernels?: Record<string, Record<string, SpecKernels>>;
   backends?: () => string[];
   cudaStatus?: () => string;
@@ -74,7 +75,13 @@ export async function loadNativeOps(spec: ResolvedSpec | undefined, backend: Bac
   if (backend === 'cuda' && addon.cudaStatus && !addon.cudaStatus().startsWith('ok')) {
     throw new QaloraError(`backend 'cuda' is not usable: ${addon.cudaStatus()}`);
   }
-  return { core: addon.core, kernels: table, backend };
+  return { core: coreFor(addon, backend), kernels: table, backend };
+}
+
+/** The one switch: a GPU backend's core ops where it has them, the CPU's for the rest. */
+export function coreFor(addon: Pick<LoadedAddon, 'core' | 'coreOn'>, backend: BackendName): CoreOps {
+  const own = backend === 'cpu' ? undefined : addon.coreOn?.[backend];
+  return own ? { ...addon.core, ...own } : addon.core;
 }
 
 /**

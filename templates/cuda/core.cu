@@ -1,0 +1,546 @@
+// Core (non-QA-LoRA) ops on the GPU: the same C++ signatures as qalora::core (templates/core/core_ops.h), in
+// namespace qalora::<backend>::core. Host pointers in; each entry point stages to the device, launches and copies
+// back, like host.cuh does for the layer kernels. Compiled by nvcc and, unchanged, by g++ under the emulator.
+// Every op is deterministic: no float atomics, reductions in a fixed order.
+#include "runtime.cuh"
+
+#include <vector>
+
+namespace qalora {
+namespace QL_BACKEND_NS {
+namespace core {
+namespace kern {
+
+constexpr int kThreads = 256;
+constexpr unsigned kFull = 0xffffffffu;
+// Attention keeps one head row per warp in registers: up to 32·kMaxPerLane elements.
+constexpr int kMaxPerLane = 8;
+constexpr int kAttnWarps = 4;
+
+QL_DEV float warp_sum(float v) {
+  QL_UNROLL
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+QL_DEV float warp_max(float v) {
+  QL_UNROLL
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// Block-wide reduction over kThreads threads; every thread gets the result. `scratch` holds 32 floats.
+template <bool MAX>
+QL_DEV float block_reduce(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  float r = lane < warps ? scratch[lane] : (MAX ? -INFINITY : 0.f);
+  return MAX ? warp_max(r) : warp_sum(r);
+}
+
+// ---- GEMM: 64×64 tile per block, k-slices of 16 through shared memory, a 4×4 micro-tile per thread. ----------
+constexpr int BM = 64, BN = 64, BK = 16;
+__global__ void QL_LAUNCH_BOUNDS(256, 2) gemm_kernel(const float* __restrict__ a, const float* __restrict__ b,
+                                                     float* __restrict__ c, int64_t m, int64_t n, int64_t k,
+                                                     bool trans_a, bool trans_b, bool accumulate) {
+  __shared__ float as[BK][BM + 4];
+  __shared__ float bs[BK][BN + 4];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t row0 = (int64_t)blockIdx.y * BM, col0 = (int64_t)blockIdx.x * BN;
+  float acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < k; k0 += BK) {
+    // Loads walk the contiguous dimension of each layout across consecutive threads (coalesced).
+    for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
+      int kk, i;
+      if (trans_a) { i = idx % BM; kk = idx / BM; } else { kk = idx % BK; i = idx / BK; }
+      const int64_t gi = row0 + i, gk = k0 + kk;
+      as[kk][i] = (gi < m && gk < k) ? (trans_a ? a[gk * m + gi] : a[gi * k + gk]) : 0.f;
+    }
+    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
+      int kk, j;
+      if (trans_b) { kk = idx % BK; j = idx / BK; } else { j = idx % BN; kk = idx / BN; }
+      const int64_t gj = col0 + j, gk = k0 + kk;
+      bs[kk][j] = (gj < n && gk < k) ? (trans_b ? b[gj * k + gk] : b[gk * n + gj]) : 0.f;
+    }
+    __syncthreads();
+    QL_UNROLL
+    for (int kk = 0; kk < BK; kk++) {
+      float ra[4], rb[4];
+      QL_UNROLL
+      for (int r = 0; r < 4; r++) ra[r] = as[kk][ty + 16 * r];
+      QL_UNROLL
+      for (int s = 0; s < 4; s++) rb[s] = bs[kk][tx + 16 * s];
+      QL_UNROLL
+      for (int r = 0; r < 4; r++)
+        QL_UNROLL
+        for (int s = 0; s < 4; s++) acc[r][s] = fmaf(ra[r], rb[s], acc[r][s]);
+    }
+    __syncthreads();
+  }
+  QL_UNROLL
+  for (int r = 0; r < 4; r++) {
+    const int64_t gi = row0 + ty + 16 * r;
+    if (gi >= m) continue;
+    QL_UNROLL
+    for (int s = 0; s < 4; s++) {
+      const int64_t gj = col0 + tx + 16 * s;
+      if (gj < n) c[gi * n + gj] = accumulate ? c[gi * n + gj] + acc[r][s] : acc[r][s];
+    }
+  }
+}
+
+// ---- Embedding ----------------------------------------------------------------------------------------------
+__global__ void embedding_forward_kernel(const float* __restrict__ table, const int32_t* __restrict__ ids,
+                                         float* __restrict__ out, int64_t n, int64_t vocab, int64_t dim) {
+  const int64_t row = blockIdx.x;
+  const int32_t id = ids[row];
+  const bool valid = id >= 0 && id < vocab;
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) out[row * dim + c] = valid ? table[(int64_t)id * dim + c] : 0.f;
+}
+
+// One thread per column walks the ids in order: a row hit twice sums in the CPU's order, with no atomics.
+__global__ void embedding_backward_kernel(const int32_t* __restrict__ ids, const float* __restrict__ dout,
+                                          float* __restrict__ dtable, int64_t n, int64_t vocab, int64_t dim) {
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= dim) return;
+  for (int64_t i = 0; i < n; i++) {
+    const int32_t id = ids[i];
+    if (id >= 0 && id < vocab) dtable[(int64_t)id * dim + c] += dout[i * dim + c];
+  }
+}
+
+// ---- RMSNorm: one block per row. ----------------------------------------------------------------------------
+__global__ void QL_LAUNCH_BOUNDS(256, 1) rmsnorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                                                float* __restrict__ y, float* __restrict__ rstd,
+                                                                int64_t dim, float eps) {
+  __shared__ float scratch[32];
+  const float* xr = x + blockIdx.x * dim;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  const float s = rsqrtf(block_reduce<false>(ss, scratch) / (float)dim + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = s;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) y[blockIdx.x * dim + i] = w[i] * xr[i] * s;
+}
+
+__global__ void QL_LAUNCH_BOUNDS(256, 1) rmsnorm_backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                                                 const float* __restrict__ rstd, const float* __restrict__ dy,
+                                                                 float* __restrict__ dx, int64_t dim) {
+  __shared__ float scratch[32];
+  const float* xr = x + blockIdx.x * dim;
+  const float* dyr = dy + blockIdx.x * dim;
+  float d = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) d = fmaf(dyr[i] * w[i], xr[i], d);
+  const float s = rstd[blockIdx.x];
+  const float c = block_reduce<false>(d, scratch) * s * s * s / (float)dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dx[blockIdx.x * dim + i] = s * w[i] * dyr[i] - c * xr[i];
+}
+
+// The hardware sin/cos (exact enough on [-π, π]); under the emulator glibc's __sinf collides with its twin.
+#ifdef QALORA_EMU
+QL_DEV float fast_sin(float x) { return sinf(x); }
+QL_DEV float fast_cos(float x) { return cosf(x); }
+#else
+QL_DEV float fast_sin(float x) { return __sinf(x); }
+QL_DEV float fast_cos(float x) { return __cosf(x); }
+#endif
+
+// ---- RoPE: one thread per rotated pair; sign −1 is the inverse rotation (the gradient). ------------------------
+__global__ void rope_kernel(float* __restrict__ x, const int32_t* __restrict__ pos, int64_t rows, int64_t heads,
+                            int64_t head_dim, float theta, bool rotate_half, float sign) {
+  const int64_t half = head_dim / 2;
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= rows * heads * half) return;
+  const int64_t j = idx % half, rh = idx / half, r = rh / heads;
+  const float inv_freq = 1.0f / powf(theta, (float)(2 * j) / (float)head_dim);
+  // The CPU's angle, reduced to [-π, π] in double so the fast sin/cos (no local-memory slow path) stay exact.
+  const double ang = (double)((float)pos[r] * inv_freq), two_pi = 6.283185307179586;
+  const float red = (float)(ang - two_pi * rint(ang / two_pi));
+  const float cs = fast_cos(red), sn = sign * fast_sin(red);
+  float* v = x + rh * head_dim;
+  const int64_t i0 = rotate_half ? j : 2 * j, i1 = rotate_half ? j + half : 2 * j + 1;
+  const float v0 = v[i0], v1 = v[i1];
+  v[i0] = v0 * cs - v1 * sn;
+  v[i1] = v0 * sn + v1 * cs;
+}
+
+// ---- Attention: one warp per (batch, head, query row), kAttnWarps query rows per block; the head row lives in
+// registers spread over the lanes, scores are warp reductions, softmax is online (one pass over the keys). -------
+struct AttnShape {
+  int64_t batch, tq, tk, heads, kv_heads, head_dim;
+  float scale;
+};
+
+QL_DEV void load_row(float (&r)[kMaxPerLane], const float* p, int64_t hd, int lane) {
+  QL_UNROLL
+  for (int e = 0; e < kMaxPerLane; e++) r[e] = lane + 32 * e < hd ? p[lane + 32 * e] : 0.f;
+}
+QL_DEV float dot_row(const float (&r)[kMaxPerLane], const float* p, int64_t hd, int lane) {
+  float d = 0.f;
+  QL_UNROLL
+  for (int e = 0; e < kMaxPerLane; e++)
+    if (lane + 32 * e < hd) d = fmaf(r[e], p[lane + 32 * e], d);
+  return warp_sum(d);
+}
+
+__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                                                                  const float* __restrict__ v, float* __restrict__ out,
+                                                                  float* __restrict__ lse, AttnShape sh) {
+  const int lane = threadIdx.x & 31;
+  const int64_t task = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
+  if (task >= sh.batch * sh.heads * sh.tq) return;  // whole warps leave together
+  const int64_t t = task % sh.tq, h = (task / sh.tq) % sh.heads, b = task / (sh.tq * sh.heads);
+  const int64_t hd = sh.head_dim, kvh = h / (sh.heads / sh.kv_heads), last = t + sh.tk - sh.tq;
+  const int64_t qs = sh.heads * hd, ks = sh.kv_heads * hd;
+  float qr[kMaxPerLane], o[kMaxPerLane] = {};
+  load_row(qr, q + (b * sh.tq + t) * qs + h * hd, hd, lane);
+  const float* kb = k + b * sh.tk * ks + kvh * hd;
+  const float* vb = v + b * sh.tk * ks + kvh * hd;
+  float mx = -INFINITY, sum = 0.f;
+  for (int64_t s = 0; s <= last; s++) {
+    const float score = dot_row(qr, kb + s * ks, hd, lane) * sh.scale;
+    const float nmx = fmaxf(mx, score);
+    const float rescale = expf(mx - nmx), p = expf(score - nmx);
+    sum = sum * rescale + p;
+    QL_UNROLL
+    for (int e = 0; e < kMaxPerLane; e++)
+      if (lane + 32 * e < hd) o[e] = o[e] * rescale + p * vb[s * ks + lane + 32 * e];
+    mx = nmx;
+  }
+  const float inv = 1.0f / sum;
+  float* orow = out + (b * sh.tq + t) * qs + h * hd;
+  QL_UNROLL
+  for (int e = 0; e < kMaxPerLane; e++)
+    if (lane + 32 * e < hd) orow[lane + 32 * e] = o[e] * inv;
+  if (lane == 0) lse[(b * sh.tq + t) * sh.heads + h] = mx + logf(sum);
+}
+
+// D[row, h] = dout · out, the softmax-backward correction, once per query row.
+__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_delta_kernel(const float* __restrict__ out, const float* __restrict__ dout,
+                                                                float* __restrict__ delta, int64_t rows_heads, int64_t hd) {
+  const int lane = threadIdx.x & 31;
+  const int64_t task = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
+  if (task >= rows_heads) return;
+  float r[kMaxPerLane];
+  load_row(r, dout + task * hd, hd, lane);
+  const float d = dot_row(r, out + task * hd, hd, lane);
+  if (lane == 0) delta[task] = d;
+}
+
+// dq: one warp per query row, over the keys it sees.
+__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_dq_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                                                             const float* __restrict__ v, const float* __restrict__ lse,
+                                                             const float* __restrict__ dout, const float* __restrict__ delta,
+                                                             float* __restrict__ dq, AttnShape sh) {
+  const int lane = threadIdx.x & 31;
+  const int64_t task = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
+  if (task >= sh.batch * sh.heads * sh.tq) return;
+  const int64_t t = task % sh.tq, h = (task / sh.tq) % sh.heads, b = task / (sh.tq * sh.heads);
+  const int64_t hd = sh.head_dim, kvh = h / (sh.heads / sh.kv_heads), last = t + sh.tk - sh.tq;
+  const int64_t qs = sh.heads * hd, ks = sh.kv_heads * hd, row = b * sh.tq + t;
+  float qr[kMaxPerLane], dor[kMaxPerLane], acc[kMaxPerLane] = {};
+  load_row(qr, q + row * qs + h * hd, hd, lane);
+  load_row(dor, dout + row * qs + h * hd, hd, lane);
+  const float l = lse[row * sh.heads + h], D = delta[row * sh.heads + h];
+  const float* kb = k + b * sh.tk * ks + kvh * hd;
+  const float* vb = v + b * sh.tk * ks + kvh * hd;
+  for (int64_t s = 0; s <= last; s++) {
+    const float p = expf(dot_row(qr, kb + s * ks, hd, lane) * sh.scale - l);
+    const float ds = p * (dot_row(dor, vb + s * ks, hd, lane) - D) * sh.scale;
+    QL_UNROLL
+    for (int e = 0; e < kMaxPerLane; e++)
+      if (lane + 32 * e < hd) acc[e] = fmaf(ds, kb[s * ks + lane + 32 * e], acc[e]);
+  }
+  float* dqr = dq + row * qs + h * hd;
+  QL_UNROLL
+  for (int e = 0; e < kMaxPerLane; e++)
+    if (lane + 32 * e < hd) dqr[lane + 32 * e] = acc[e];
+}
+
+// dk, dv: one warp per (batch, kv head, key), summing over the query heads of its group and the queries that see
+// it; each key row has one owner, so no atomics.
+__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_dkv_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                                                              const float* __restrict__ v, const float* __restrict__ lse,
+                                                              const float* __restrict__ dout, const float* __restrict__ delta,
+                                                              float* __restrict__ dk, float* __restrict__ dv, AttnShape sh) {
+  const int lane = threadIdx.x & 31;
+  const int64_t task = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
+  if (task >= sh.batch * sh.kv_heads * sh.tk) return;
+  const int64_t s = task % sh.tk, kvh = (task / sh.tk) % sh.kv_heads, b = task / (sh.tk * sh.kv_heads);
+  const int64_t hd = sh.head_dim, group = sh.heads / sh.kv_heads, offset = sh.tk - sh.tq;
+  const int64_t qs = sh.heads * hd, ks = sh.kv_heads * hd;
+  float kr[kMaxPerLane], vr[kMaxPerLane], dka[kMaxPerLane] = {}, dva[kMaxPerLane] = {};
+  load_row(kr, k + (b * sh.tk + s) * ks + kvh * hd, hd, lane);
+  load_row(vr, v + (b * sh.tk + s) * ks + kvh * hd, hd, lane);
+  const int64_t t0 = s - offset > 0 ? s - offset : 0;  // first query that sees key s
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+    for (int64_t t = t0; t < sh.tq; t++) {
+      const int64_t row = b * sh.tq + t;
+      const float* qv = q + row * qs + h * hd;
+      const float* dov = dout + row * qs + h * hd;
+      const float p = expf(dot_row(kr, qv, hd, lane) * sh.scale - lse[row * sh.heads + h]);
+      const float ds = p * (dot_row(vr, dov, hd, lane) - delta[row * sh.heads + h]) * sh.scale;
+      QL_UNROLL
+      for (int e = 0; e < kMaxPerLane; e++)
+        if (lane + 32 * e < hd) {
+          dva[e] = fmaf(p, dov[lane + 32 * e], dva[e]);
+          dka[e] = fmaf(ds, qv[lane + 32 * e], dka[e]);
+        }
+    }
+  }
+  float* dkr = dk + (b * sh.tk + s) * ks + kvh * hd;
+  float* dvr = dv + (b * sh.tk + s) * ks + kvh * hd;
+  QL_UNROLL
+  for (int e = 0; e < kMaxPerLane; e++)
+    if (lane + 32 * e < hd) {
+      dkr[lane + 32 * e] = dka[e];
+      dvr[lane + 32 * e] = dva[e];
+    }
+}
+
+// ---- Element-wise --------------------------------------------------------------------------------------------
+QL_DEV float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+__global__ void swiglu_forward_kernel(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ out,
+                                      int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = gate[i] * sigmoid(gate[i]) * up[i];
+}
+
+__global__ void swiglu_backward_kernel(const float* __restrict__ gate, const float* __restrict__ up,
+                                       const float* __restrict__ dout, float* __restrict__ dgate, float* __restrict__ dup,
+                                       int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float g = gate[i], sg = sigmoid(g), d = dout[i];
+    dup[i] = d * g * sg;
+    dgate[i] = d * up[i] * sg * (1.0f + g * (1.0f - sg));
+  }
+}
+
+__global__ void add_inplace_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) y[i] += x[i];
+}
+
+// ---- Softmax cross-entropy: one block per row; per-row losses summed on the host in row order. ------------------
+__global__ void QL_LAUNCH_BOUNDS(256, 1) cross_entropy_kernel(const float* __restrict__ logits, const int32_t* __restrict__ targets,
+                                                              int64_t vocab, float scale, float* __restrict__ dlogits,
+                                                              float* __restrict__ loss) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int32_t target = targets[row];
+  const float* x = logits + row * vocab;
+  float* g = dlogits ? dlogits + row * vocab : nullptr;
+  if (target < 0 || target >= vocab) {  // ignored position: the whole block leaves together
+    if (g)
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) g[i] = 0.f;
+    if (threadIdx.x == 0) loss[row] = 0.f;
+    return;
+  }
+  float mx = -INFINITY;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, x[i]);
+  mx = block_reduce<true>(mx, scratch);
+  float sum = 0.f;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) sum += expf(x[i] - mx);
+  sum = block_reduce<false>(sum, scratch);
+  if (threadIdx.x == 0) loss[row] = mx + logf(sum) - x[target];
+  if (g) {
+    const float inv = 1.0f / sum;
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
+      g[i] = scale * (expf(x[i] - mx) * inv - (i == target ? 1.0f : 0.0f));
+  }
+}
+
+}  // namespace kern
+
+using kern::kThreads;
+
+inline unsigned grid_for(int64_t n) {
+  const unsigned g = ql::ceil_div(n, kThreads);
+  return g < 65535u * 16 ? g : 65535u * 16;  // grid-stride loops cover the rest
+}
+
+void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b,
+          bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  ql::DeviceBuffer<float> da(a, m * k), db(b, k * n), dc(accumulate ? c : nullptr, m * n);
+  QL_LAUNCH(kern::gemm_kernel, dim3(ql::ceil_div(n, kern::BN), ql::ceil_div(m, kern::BM)), kThreads, 0, 0)(
+      da.ptr, db.ptr, dc.ptr, m, n, k, trans_a, trans_b, accumulate);
+  ql::launched("core::gemm_kernel");
+  ql::finish("core::gemm");
+  dc.to_host(c);
+}
+
+void embedding_forward(const float* table, const int32_t* ids, float* out, int64_t n, int64_t vocab, int64_t dim) {
+  if (n <= 0 || dim <= 0) return;
+  ql::DeviceBuffer<float> dt(table, vocab * dim), dout(n * dim);
+  ql::DeviceBuffer<int32_t> di(ids, n);
+  QL_LAUNCH(kern::embedding_forward_kernel, (unsigned)n, dim < kThreads ? 32 * (unsigned)ql::ceil_div(dim, 32) : kThreads, 0, 0)(
+      dt.ptr, di.ptr, dout.ptr, n, vocab, dim);
+  ql::launched("core::embedding_forward_kernel");
+  ql::finish("core::embedding_forward");
+  dout.to_host(out);
+}
+
+void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t n, int64_t vocab, int64_t dim) {
+  if (n <= 0 || dim <= 0) return;
+  ql::DeviceBuffer<int32_t> di(ids, n);
+  ql::DeviceBuffer<float> dd(dout, n * dim), dt(dtable, vocab * dim);
+  QL_LAUNCH(kern::embedding_backward_kernel, ql::ceil_div(dim, kThreads), kThreads, 0, 0)(di.ptr, dd.ptr, dt.ptr, n, vocab, dim);
+  ql::launched("core::embedding_backward_kernel");
+  ql::finish("core::embedding_backward");
+  dt.to_host(dtable);
+}
+
+void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t dim, float eps) {
+  if (rows <= 0) return;
+  ql::DeviceBuffer<float> dx(x, rows * dim), dw(w, dim), dy(rows * dim), dr(rows);
+  QL_LAUNCH(kern::rmsnorm_forward_kernel, (unsigned)rows, kThreads, 0, 0)(dx.ptr, dw.ptr, dy.ptr, dr.ptr, dim, eps);
+  ql::launched("core::rmsnorm_forward_kernel");
+  ql::finish("core::rmsnorm_forward");
+  dy.to_host(y);
+  dr.to_host(rstd);
+}
+
+void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int64_t rows,
+                      int64_t dim) {
+  if (rows <= 0) return;
+  ql::DeviceBuffer<float> bx(x, rows * dim), bw(w, dim), br(rstd, rows), bdy(dy, rows * dim), bdx(rows * dim);
+  QL_LAUNCH(kern::rmsnorm_backward_kernel, (unsigned)rows, kThreads, 0, 0)(bx.ptr, bw.ptr, br.ptr, bdy.ptr, bdx.ptr, dim);
+  ql::launched("core::rmsnorm_backward_kernel");
+  ql::finish("core::rmsnorm_backward");
+  bdx.to_host(dx);
+}
+
+namespace {
+void rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, float theta, bool rotate_half,
+          float sign) {
+  const int64_t pairs = rows * heads * (head_dim / 2);
+  if (pairs <= 0) return;
+  ql::DeviceBuffer<float> dx(x, rows * heads * head_dim);
+  ql::DeviceBuffer<int32_t> dp(pos, rows);
+  QL_LAUNCH(kern::rope_kernel, ql::ceil_div(pairs, kThreads), kThreads, 0, 0)(dx.ptr, dp.ptr, rows, heads, head_dim, theta,
+                                                                             rotate_half, sign);
+  ql::launched("core::rope_kernel");
+  ql::finish("core::rope");
+  dx.to_host(x);
+}
+
+kern::AttnShape attn_shape(int64_t batch, int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  if (head_dim > 32 * kern::kMaxPerLane)
+    throw std::invalid_argument("core attention on the GPU supports headDim ≤ " + std::to_string(32 * kern::kMaxPerLane) +
+                                ", got " + std::to_string(head_dim));
+  if (kv_heads <= 0 || heads % kv_heads != 0)
+    throw std::invalid_argument("core attention: heads (" + std::to_string(heads) + ") must be a multiple of kvHeads (" +
+                                std::to_string(kv_heads) + ")");
+  return kern::AttnShape{batch, tq, tk, heads, kv_heads, head_dim, 1.0f / sqrtf((float)head_dim)};
+}
+constexpr unsigned kAttnThreads = 32 * kern::kAttnWarps;
+}  // namespace
+
+void rope_forward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, float theta,
+                  bool rotate_half) {
+  rope(x, pos, rows, heads, head_dim, theta, rotate_half, 1.0f);
+}
+void rope_backward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, float theta,
+                   bool rotate_half) {
+  rope(dx, pos, rows, heads, head_dim, theta, rotate_half, -1.0f);
+}
+
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
+                       int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  const kern::AttnShape sh = attn_shape(batch, tq, tk, heads, kv_heads, head_dim);
+  const int64_t tasks = batch * heads * tq;
+  if (tasks <= 0) return;
+  ql::DeviceBuffer<float> dq(q, tasks * head_dim), dk(k, batch * tk * kv_heads * head_dim),
+      dv(v, batch * tk * kv_heads * head_dim), dout(tasks * head_dim), dl(tasks);
+  QL_LAUNCH(kern::attention_forward_kernel, ql::ceil_div(tasks, kern::kAttnWarps), kAttnThreads, 0, 0)(
+      dq.ptr, dk.ptr, dv.ptr, dout.ptr, dl.ptr, sh);
+  ql::launched("core::attention_forward_kernel");
+  ql::finish("core::attention_forward");
+  dout.to_host(out);
+  dl.to_host(lse);
+}
+
+void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
+                        const float* dout, float* dq, float* dk, float* dv, int64_t batch, int64_t tq, int64_t tk,
+                        int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  const kern::AttnShape sh = attn_shape(batch, tq, tk, heads, kv_heads, head_dim);
+  const int64_t qn = batch * tq * heads, kn = batch * tk * kv_heads;
+  if (qn <= 0 || kn <= 0) return;
+  ql::DeviceBuffer<float> bq(q, qn * head_dim), bk(k, kn * head_dim), bv(v, kn * head_dim), bo(out, qn * head_dim),
+      bl(lse, qn), bdo(dout, qn * head_dim), delta(qn), bdq(qn * head_dim), bdk(kn * head_dim), bdv(kn * head_dim);
+  QL_LAUNCH(kern::attention_delta_kernel, ql::ceil_div(qn, kern::kAttnWarps), kAttnThreads, 0, 0)(bo.ptr, bdo.ptr, delta.ptr,
+                                                                                                   qn, head_dim);
+  ql::launched("core::attention_delta_kernel");
+  QL_LAUNCH(kern::attention_dq_kernel, ql::ceil_div(qn, kern::kAttnWarps), kAttnThreads, 0, 0)(
+      bq.ptr, bk.ptr, bv.ptr, bl.ptr, bdo.ptr, delta.ptr, bdq.ptr, sh);
+  ql::launched("core::attention_dq_kernel");
+  QL_LAUNCH(kern::attention_dkv_kernel, ql::ceil_div(kn, kern::kAttnWarps), kAttnThreads, 0, 0)(
+      bq.ptr, bk.ptr, bv.ptr, bl.ptr, bdo.ptr, delta.ptr, bdk.ptr, bdv.ptr, sh);
+  ql::launched("core::attention_dkv_kernel");
+  ql::finish("core::attention_backward");
+  bdq.to_host(dq);
+  bdk.to_host(dk);
+  bdv.to_host(dv);
+}
+
+void swiglu_forward(const float* gate, const float* up, float* out, int64_t n) {
+  if (n <= 0) return;
+  ql::DeviceBuffer<float> dg(gate, n), du(up, n), dout(n);
+  QL_LAUNCH(kern::swiglu_forward_kernel, grid_for(n), kThreads, 0, 0)(dg.ptr, du.ptr, dout.ptr, n);
+  ql::launched("core::swiglu_forward_kernel");
+  ql::finish("core::swiglu_forward");
+  dout.to_host(out);
+}
+
+void swiglu_backward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) {
+  if (n <= 0) return;
+  ql::DeviceBuffer<float> bg(gate, n), bu(up, n), bd(dout, n), bdg(n), bdu(n);
+  QL_LAUNCH(kern::swiglu_backward_kernel, grid_for(n), kThreads, 0, 0)(bg.ptr, bu.ptr, bd.ptr, bdg.ptr, bdu.ptr, n);
+  ql::launched("core::swiglu_backward_kernel");
+  ql::finish("core::swiglu_backward");
+  bdg.to_host(dgate);
+  bdu.to_host(dup);
+}
+
+namespace {
+double cross_entropy(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float scale, float* dlogits) {
+  if (n <= 0) return 0.0;
+  ql::DeviceBuffer<float> dl(logits, n * vocab), loss(n);
+  ql::DeviceBuffer<float> dg(dlogits ? n * vocab : 0);
+  ql::DeviceBuffer<int32_t> dt(targets, n);
+  QL_LAUNCH(kern::cross_entropy_kernel, (unsigned)n, kThreads, 0, 0)(dl.ptr, dt.ptr, vocab, scale, dlogits ? dg.ptr : nullptr,
+                                                                     loss.ptr);
+  ql::launched("core::cross_entropy_kernel");
+  ql::finish("core::cross_entropy");
+  if (dlogits) dg.to_host(dlogits);
+  std::vector<float> rows(n);
+  loss.to_host(rows.data());
+  double total = 0.0;
+  for (const float r : rows) total += r;
+  return total;
+}
+}  // namespace
+
+double cross_entropy_forward(const float* logits, const int32_t* targets, int64_t n, int64_t vocab) {
+  return cross_entropy(logits, targets, n, vocab, 0.f, nullptr);
+}
+double cross_entropy_backward(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float scale,
+                              float* dlogits) {
+  return cross_entropy(logits, targets, n, vocab, scale, dlogits);
+}
+
+void add_inplace(float* y, const float* x, int64_t n) {
+  if (n <= 0) return;
+  ql::DeviceBuffer<float> dy(y, n), dx(x, n);
+  QL_LAUNCH(kern::add_inplace_kernel, grid_for(n), kThreads, 0, 0)(dy.ptr, dx.ptr, n);
+  ql::launched("core::add_inplace_kernel");
+  ql::finish("core::add_inplace");
+  dy.to_host(y);
+}
+
+}  // namespace core
+}  // namespace QL_BACKEND_NS
+}  // namespace qalora
