@@ -11,6 +11,7 @@ import { nvccAvailable, nvccCompile, parsePtxas } from '../compiler/inspect.ts';
 import { parseOpDescriptors } from '../compiler/ops.ts';
 import { loadKernels } from '../runtime/native.ts';
 import { coreFor, type CoreOps } from '../runtime/model/native-ops.ts';
+import { uniformStream } from '../runtime/random.ts';
 
 // One small layer: the spec only exists to get an addon with the emulated backend (its core ops come along).
 const SPEC: ResolvedSpec = {
@@ -29,15 +30,7 @@ beforeAll(async () => {
   gpuOps = Object.keys(addon.coreOn?.emu ?? {});
 }, 900_000);
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = uniformStream;
 function rand(n: number, seed: number, scale = 1): Float32Array {
   const r = rng(seed);
   return Float32Array.from({ length: n }, () => (2 * r() - 1) * scale);

@@ -5,21 +5,14 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { loadCore } from '../runtime/native.ts';
 import type { CoreOps } from '../runtime/model/native-ops.ts';
 import { f32ToBf16Bits, f32ToF16Bits, f16BitsToF32 } from '../runtime/safetensors.ts';
+import { uniformStream } from '../runtime/random.ts';
 
 let core: CoreOps;
 beforeAll(async () => {
   core = (await loadCore()).core as unknown as CoreOps;
 });
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = uniformStream;
 function rand(n: number, seed: number, scale = 1): Float32Array {
   const r = rng(seed);
   return Float32Array.from({ length: n }, () => (2 * r() - 1) * scale);

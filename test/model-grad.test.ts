@@ -7,16 +7,9 @@ import { describe, expect, it } from 'vitest';
 import { PROJECTIONS, type ResolvedLayer, type ResolvedSpec } from '../dsl/resolved.ts';
 import { LlamaModel } from '../runtime/model/llama.ts';
 import type { BackendName, BlockWeights, Linear, LlamaConfig, LlamaWeights, ProjectionName } from '../runtime/model/types.ts';
+import { uniformStream } from '../runtime/random.ts';
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const rng = uniformStream;
 
 const CONFIG: LlamaConfig = { dim: 32, hidden: 48, layers: 2, heads: 4, kvHeads: 2, vocab: 37, context: 16, ropeTheta: 10000, normEps: 1e-5, tiedClassifier: false };
 
