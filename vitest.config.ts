@@ -9,6 +9,7 @@ export default defineConfig({
     hookTimeout: 900_000,
     pool: 'forks',
     maxWorkers: 2,
-    reporters: ['default'],
+    // skip-reporter names each skipped test with its reason (a missing fixture); the default one only counts them.
+    reporters: ['./test/skip-reporter.ts', 'default'],
   },
 });

@@ -9,9 +9,10 @@
 //
 //   npx tsx bench/paper-table.ts [--steps 80] [--seeds 1,2] [--bits 4,3,2] [--groups 32,8] [--quantizers rtn,gptq]
 import { writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseSpec } from '../dsl/index.ts';
+import { demoAssets, repoRoot as repo } from '../runtime/assets.ts';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
 import { PackedWindows } from '../runtime/data/dataset.ts';
 import { denseWeight } from '../runtime/export/gguf.ts';
@@ -24,8 +25,6 @@ import { evaluateWindows } from '../runtime/train/evaluate.ts';
 import { dataTokenizerFor, openForRun, prepareData } from '../runtime/train/setup.ts';
 import { train } from '../runtime/train/trainer.ts';
 
-const repo = resolve(import.meta.dirname, '..');
-const shared = process.env.QALORA_FIXTURES ?? resolve(repo, '..', 'shared');
 const { values: a } = parseArgs({
   options: {
     steps: { type: 'string', default: '80' },
@@ -66,9 +65,9 @@ function spec(name: string, bits: number, group: number): ResolvedSpec {
   return r.spec;
 }
 
-const { model: floatModel, tokenizer } = await openForRun({ model: join(shared, 'models/stories260K/stories260K.bin') });
+const { model: floatModel, tokenizer } = await openForRun({ model: demoAssets.model });
 const floatW = floatModel.weights;
-const data = prepareData(join(shared, 'data/shakespeare/tinyshakespeare.txt'), dataTokenizerFor(tokenizer, join(shared, 'models/stories260K/tok512.bin')), seqLen, 0.05);
+const data = prepareData(demoAssets.data, dataTokenizerFor(tokenizer, demoAssets.tokenizer), seqLen, 0.05);
 const val = data.split.val!;
 const evalWindows = Math.min(Number(a['eval-windows']), val.count);
 const ppl = (m: Pick<LlamaModel, 'loss'>) => evaluateWindows(m, val, 8, evalWindows).perplexity;

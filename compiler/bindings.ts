@@ -2,6 +2,7 @@
 // from the same plan and op descriptors the addon's C++ wrappers come from, so the types cannot drift from
 // what the addon checks at run time.
 import type { KernelPlan, Specialization } from './ir.ts';
+import { EMU_COUNTERS } from './emu-counters.ts';
 import { tsType, type OpDescriptor } from './ops.ts';
 
 export interface BindingsInput {
@@ -100,6 +101,12 @@ export async function emitBindings(input: BindingsInput): Promise<string> {
     type: gpuOps.length ? `Pick<CoreOps, ${gpuOps.map((op) => `'${op.name}'`).join(' | ')}>` : 'Record<string, never>',
   });
   file.addInterface({
+    name: 'EmuCounters',
+    isExported: true,
+    docs: ['What the emulated CUDA runtime did since the last emuResetCounters() (templates/emu/emu_counters.h).'],
+    properties: EMU_COUNTERS.map((c) => ({ name: c.name, type: 'number', docs: [c.doc] })),
+  });
+  file.addInterface({
     name: 'Addon',
     isExported: true,
     properties: [
@@ -109,6 +116,8 @@ export async function emitBindings(input: BindingsInput): Promise<string> {
       { name: 'specName', type: 'string' },
       { name: 'specHash', type: 'string' },
       { name: 'compilerVersion', type: 'string' },
+      { name: 'emuCounters', type: '() => EmuCounters', hasQuestionToken: true, docs: ['The emulator\'s transfer, allocation, synchronization and launch counters; present when the emu backend is compiled.'] },
+      { name: 'emuResetCounters', type: '() => void', hasQuestionToken: true },
     ],
     methods: [
       { name: 'backends', returnType: 'Backend[]' },

@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
 import { createHash } from 'node:crypto';
 import { emitBindings, type BindingsInput } from './bindings.ts';
+import { EMU_COUNTERS } from './emu-counters.ts';
 import { buildAddon, withBuildLock, type BuildOptions, type BuildResult } from './build.ts';
 import type { KernelPlan } from './ir.ts';
 import { buildManifest, type Manifest } from './manifest.ts';
@@ -72,7 +73,8 @@ function listRel(dir: string, base: string): string[] {
 // ts-morph takes ~0.5–1.5 s to load, more than the rest of a compile: the emitted file carries the hash of its
 // inputs, and an unchanged one is reused without loading ts-morph at all.
 async function cachedBindings(path: string, input: BindingsInput): Promise<string> {
-  const key = createHash('sha256').update(canonicalJson({ ...input, plan: { ...input.plan, spec: { ...input.plan.spec, file: '' } } })).digest('hex');
+  // The counter list is an input too: the emitted EmuCounters interface comes from it.
+  const key = createHash('sha256').update(canonicalJson({ ...input, emuCounters: EMU_COUNTERS, plan: { ...input.plan, spec: { ...input.plan.spec, file: '' } } })).digest('hex');
   const stamp = `// bindings-input ${key}\n`;
   if (existsSync(path)) {
     const old = readFileSync(path, 'utf8');

@@ -1,13 +1,17 @@
 // `qalora inspect`: what the compiler emitted for a specialization and what ptxas made of it. Renders the spec's
 // CUDA sources (the same renderer as `compile`), compiles kernels.cu to a cubin per arch with nvcc, and reports
 // per kernel: registers, spills, stack, shared memory (static + the dynamic bytes it is launched with) and the
-// static SASS size, read from ptxas -v and from the cubin's ELF itself (.nv.info EIATTR records, .text.<fn>).
+// static SASS size, read from ptxas -v and from the cubin's ELF itself (.nv.info EIATTR records, .text.<fn>);
+// before the table, the kernel templates the specialization instantiates (kernel-bodies.ts), after it, on
+// request, their PTX and SASS per arch (disasm.ts).
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
+import { disassemble, ptxEntries, type Listing } from './disasm.ts';
 import type { KernelPlan, Specialization } from './ir.ts';
+import { kernelBodies } from './kernel-bodies.ts';
 import { compilerVersion, gemmSmemBytes as planGemmSmemBytes, planSpec } from './plan.ts';
 import { renderSources } from './render.ts';
 import { formatTable } from './table.ts';
@@ -54,7 +58,7 @@ export function nvccAvailable(): boolean {
  * Compiles one kernels.cu for `archs`. One arch: a cubin (readable with readCubin); several: one object with all of
  * them (one front-end pass, ptxas per arch). Spills and local memory are errors unless `allowSpills`.
  */
-export function nvccCompile(kernelsCu: string, archs: string[], opts: { allowSpills?: boolean; out?: string } = {}): Promise<NvccResult> {
+export function nvccCompile(kernelsCu: string, archs: string[], opts: { allowSpills?: boolean; out?: string; keepDir?: string } = {}): Promise<NvccResult> {
   const src = dirname(kernelsCu);
   const single = archs.length === 1;
   const out = opts.out ?? kernelsCu.replace(/\.cu$/, single ? `.${archs[0]}.cubin` : '.o');
@@ -64,7 +68,9 @@ export function nvccCompile(kernelsCu: string, archs: string[], opts: { allowSpi
   const archArgs = single
     ? [`-arch=${archs[0]}`, '-cubin']
     : ['-gencode', `arch=compute_${lowest.replace(/a$/, '')},code=[${archs.join(',')}]`, '-c'];
-  const args = ['-std=c++17', '-O3', `-I${join(src, '..')}`, `-I${join(src, '..', 'common')}`, ...archArgs, `-Xptxas=${ptxas}`, kernelsCu, '-o', out];
+  // keepDir: the intermediate files (the PTX among them) of this very compilation, not a second front-end pass.
+  const keep = opts.keepDir ? (mkdirSync(opts.keepDir, { recursive: true }), ['-keep', '-keep-dir', opts.keepDir]) : [];
+  const args = ['-std=c++17', '-O3', `-I${join(src, '..')}`, `-I${join(src, '..', 'common')}`, ...archArgs, `-Xptxas=${ptxas}`, ...keep, kernelsCu, '-o', out];
   const t0 = performance.now();
   return new Promise((resolve) => {
     const p = spawn(NVCC, args, { cwd: src });
@@ -284,6 +290,10 @@ export interface InspectOptions {
   cpu?: boolean;
   /** Keep the rendered sources and cubins here instead of a temporary folder. */
   workDir?: string;
+  /** Also print each kernel's PTX per arch. */
+  ptx?: boolean;
+  /** Also print each kernel's SASS per arch (needs cuobjdump or nvdisasm). */
+  sass?: boolean;
 }
 
 export function selectSpecializations(plan: KernelPlan, name: string | undefined): Specialization[] {
@@ -314,21 +324,51 @@ export async function inspectSpec(spec: ResolvedSpec, opts: InspectOptions = {})
     for (const a of archs) if (!/^sm_\d+a?$/.test(a)) throw new QaloraError(`--arch ${a}: expected an arch like sm_80 or sm_90`);
     const cu = renderCuda(plan, work);
     const source = readFileSync(cu, 'utf8');
-    const results = await Promise.all(archs.map((a) => nvccCompile(cu, [a], { allowSpills: true })));
+    const keepDir = (arch: string) => join(work, `keep-${arch}`);
+    const results = await Promise.all(archs.map((a) => nvccCompile(cu, [a], { allowSpills: true, keepDir: opts.ptx ? keepDir(a) : undefined })));
     const reports: KernelReport[] = [];
+    const listings: { arch: string; ptx: Listing[]; sass: Listing[] }[] = [];
     results.forEach((r, i) => {
-      writeFileSync(join(work, `nvcc-${archs[i]}.log`), r.log);
-      if (!r.ok) throw new QaloraError(`nvcc failed for ${archs[i]}:\n${r.log.split('\n').filter((l) => /error/i.test(l)).slice(0, 20).join('\n')}`);
-      reports.push(...kernelReports(plan, archs[i], r.log, r.cubin ? readFileSync(r.cubin) : null));
+      const arch = archs[i];
+      writeFileSync(join(work, `nvcc-${arch}.log`), r.log);
+      if (!r.ok) throw new QaloraError(`nvcc failed for ${arch}:\n${r.log.split('\n').filter((l) => /error/i.test(l)).slice(0, 20).join('\n')}`);
+      reports.push(...kernelReports(plan, arch, r.log, r.cubin ? readFileSync(r.cubin) : null));
+      listings.push({
+        arch,
+        ptx: opts.ptx ? ptxEntries(readFileSync(join(keepDir(arch), 'kernels.ptx'), 'utf8')) : [],
+        sass: opts.sass && r.cubin ? disassemble(NVCC, r.cubin) : [],
+      });
     });
+    const headers = readdirSync(dirname(cu))
+      .filter((f) => f.endsWith('.cuh'))
+      .sort()
+      .map((f) => ({ path: `src/cuda/${f}`, content: readFileSync(join(dirname(cu), f), 'utf8') }));
     const parts = chosen.map((s) => {
       const mine = reports.filter((r) => r.specialization === s.id);
-      return `${specializationSource(source, s.id)}\n\n${reportTable(mine)}\n`;
+      const text = [specializationSource(source, s.id), kernelBodies(headers, instancesOf(mine)), reportTable(mine)];
+      const names = new Map(mine.map((r) => [r.mangled, r.kernel]));
+      for (const l of listings)
+        for (const [what, list] of [['PTX', l.ptx], ['SASS', l.sass]] as const)
+          for (const k of list.filter((k) => names.has(k.mangled)))
+            text.push(`// ==== ${what} ${l.arch}: ${names.get(k.mangled)} (${k.mangled}) ====\n${k.text}`);
+      return text.join('\n\n') + '\n';
     });
     return { text: parts.join('\n'), reports: reports.filter((r) => chosen.some((s) => s.id === r.specialization)) };
   } finally {
     if (!opts.workDir) rmSync(work, { recursive: true, force: true });
   }
+}
+
+/** Kernel template name → the instantiations the reports show (gemm_kernel → gemm_kernel<y>, gemm_kernel<dx>). */
+function instancesOf(reports: KernelReport[]): Map<string, string[]> {
+  const out = new Map<string, string[]>();
+  for (const r of reports) {
+    const base = r.kernel.replace(/<.*$/, '');
+    const list = out.get(base) ?? [];
+    if (!list.includes(r.kernel)) list.push(r.kernel);
+    out.set(base, list);
+  }
+  return out;
 }
 
 // CPU kernels are C++ templates instantiated by one macro line per specialization: show those lines (with

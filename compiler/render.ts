@@ -2,15 +2,19 @@
 // nunjucks (copying other files verbatim); each target only says which folder, which specializations it sees
 // and what extra context it needs. Nothing here knows what a kernel looks like.
 import type nunjucks from 'nunjucks';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { KernelPlan, Specialization } from './ir.ts';
+import { EMU_COUNTERS } from './emu-counters.ts';
 import { environment } from './nunjucks-env.ts';
 import { loadOpDescriptors, opWrapperContext, type OpDescriptor } from './ops.ts';
 
 export const defaultTemplateRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'templates');
-const napiInclude = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'node_modules', 'node-addon-api');
+// Canonical (symlinks resolved): the path is written into CMakeLists.txt and so into the build's cache key, which
+// must not change with the way node_modules is reached (test/fresh-clone.test.ts links a copy to this one).
+const napiPath = resolve(dirname(fileURLToPath(import.meta.url)), '..', 'node_modules', 'node-addon-api');
+const napiInclude = existsSync(napiPath) ? realpathSync(napiPath) : napiPath;
 
 /** A generated file, path relative to generated/<spec>/. */
 export interface RenderedFile {
@@ -75,6 +79,7 @@ const addonTarget: TargetRenderer = {
     specializations: plan.specializations,
     backends: l.backends.map((b) => ({ name: b.name, macro: `QALORA_HAVE_${b.name.toUpperCase()}`, specializations: b.specializations })),
     ops: l.ops.map(opWrapperContext),
+    emuCounters: EMU_COUNTERS,
   }),
 };
 

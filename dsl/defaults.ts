@@ -21,13 +21,17 @@ export const BITS = [2, 3, 4, 8] as const;
 export const POOLS = ['mean', 'sum', 'peft'] as const;
 export const DTYPES = ['fp32', 'fp16', 'bf16'] as const;
 
-/** CUDA archs qalora knows (Volta and newer). `a` variants enable arch-specific features (wgmma on sm_90a). */
+/** CUDA archs qalora builds for (Ampere and newer). `a` variants enable arch-specific features (wgmma on sm_90a). */
 export const KNOWN_ARCHS: readonly string[] = [
-  'sm_70', 'sm_72', 'sm_75', 'sm_80', 'sm_86', 'sm_87', 'sm_88', 'sm_89', 'sm_90', 'sm_90a',
+  'sm_80', 'sm_86', 'sm_87', 'sm_88', 'sm_89', 'sm_90', 'sm_90a',
   'sm_100', 'sm_100a', 'sm_103', 'sm_103a', 'sm_110', 'sm_110a', 'sm_120', 'sm_120a', 'sm_121', 'sm_121a',
 ];
-/** Known, but CUDA 13 (the pinned toolkit) no longer compiles for them. */
-export const ARCHS_DROPPED_BY_CUDA13: readonly string[] = ['sm_70', 'sm_72'];
+/**
+ * The oldest arch the emitted CUDA builds for: every specialization's GEMM stages tiles with cp.async, and the
+ * fp16/bf16 ones multiply with mma.sync m16n8k16; ptxas rejects both below sm_80 ("Feature 'cp.async' requires
+ * .target sm_80 or higher"; sm_75 was checked with nvcc 13.0, which no longer knows sm_70/sm_72 at all).
+ */
+export const MIN_CUDA_ARCH = 80;
 
 /** One line per key, for "missing key" hints and the table in specs/README.md. */
 export const LLAMA_KEYS: Readonly<Record<string, string>> = {

@@ -4,7 +4,7 @@
 // only when the syntax was sound, because a recovered parse may have dropped the very key they would miss.
 import type { AstItem, AstValue } from './ast.ts';
 import type { Diagnostic, Loc } from './diagnostics.ts';
-import { ARCHS_DROPPED_BY_CUDA13, BITS, DTYPES, KNOWN_ARCHS, LLAMA_KEYS, POOLS } from './defaults.ts';
+import { BITS, DTYPES, KNOWN_ARCHS, LLAMA_KEYS, MIN_CUDA_ARCH, POOLS } from './defaults.ts';
 import {
   Reporter, checkIdentifier, noBlock, noValues, readChoice, readItems, readNames, readNumber, type Setting,
 } from './read.ts';
@@ -323,21 +323,25 @@ function readArchs(r: Reporter, item: AstItem): string[] | null {
   let ok = names.length === item.values.length && names.length > 0;
   const seen = new Map<string, Loc>();
   for (const n of names) {
-    // sm_XY / sm_XYa with XY ≥ 70 is accepted (a newer toolkit may know archs this list does not);
-    // anything else is an error. Both name the known archs.
+    // sm_XY / sm_XYa from MIN_CUDA_ARCH on is accepted (a newer toolkit may know archs this list does not);
+    // older archs and anything else are errors, reported here rather than by ptxas at build time.
     const m = /^sm_(\d+)(a?)$/.exec(n.value);
     const known = `known archs: ${KNOWN_ARCHS.join(', ')}`;
-    if (!m || Number(m[1]) < 70) {
+    if (!m) {
       const compute = /^compute_(\d+a?)$/.exec(n.value);
       const guess = compute ? `sm_${compute[1]}` : suggest(n.value, KNOWN_ARCHS);
-      const message = m ? `${n.value} is older than Volta: qalora's CUDA kernels need sm_70 or newer` : `\`${n.value}\` is not a CUDA arch`;
-      r.error(n.loc, message, guess && !m ? `did you mean \`${guess}\`? (${known})` : `archs are written sm_XY or sm_XYa; ${known}`);
+      r.error(n.loc, `\`${n.value}\` is not a CUDA arch`, guess ? `did you mean \`${guess}\`? (${known})` : `archs are written sm_XY or sm_XYa; ${known}`);
+      ok = false;
+    } else if (Number(m[1]) < MIN_CUDA_ARCH) {
+      r.error(
+        n.loc,
+        `qalora's CUDA kernels cannot be built for ${n.value}: they use cp.async and mma.sync m16n8k16, which need sm_${MIN_CUDA_ARCH} or newer`,
+        `ptxas rejects those instructions below sm_${MIN_CUDA_ARCH}; ${known}`,
+      );
       ok = false;
     } else if (!KNOWN_ARCHS.includes(n.value)) {
       const guess = suggest(n.value, KNOWN_ARCHS);
       r.warning(n.loc, `unknown CUDA arch ${n.value}: nvcc may reject it`, `${guess ? `did you mean \`${guess}\`? ` : ''}(${known})`);
-    } else if (ARCHS_DROPPED_BY_CUDA13.includes(n.value)) {
-      r.warning(n.loc, `CUDA 13 no longer compiles for ${n.value}`, 'building it needs a CUDA 12 toolkit; sm_75 and newer build with CUDA 13');
     }
     const prev = seen.get(n.value);
     if (prev) r.warning(n.loc, `${n.value} is listed twice`, undefined, [{ message: 'first listed here', ...prev }]);

@@ -5,6 +5,7 @@ import { constants } from 'node:os';
 import { join } from 'node:path';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
 import type { BuildOptions } from '../compiler/build.ts';
+import type { EmuCounters } from '../compiler/emu-counters.ts';
 import { compileAndBuild, defaultOutDir, generatedRoot } from '../compiler/index.ts';
 import type { KernelPlan } from '../compiler/ir.ts';
 import type { Manifest } from '../compiler/manifest.ts';
@@ -54,6 +55,9 @@ export interface Addon {
   backends(): BackendName[];
   /** "ok: <device>, sm_XY" or "unavailable: <reason>"; never throws. */
   cudaStatus(): string;
+  /** The emulator's transfer, allocation, synchronization and launch counters; present when emu is compiled. */
+  emuCounters?: () => EmuCounters;
+  emuResetCounters?: () => void;
   specName: string;
   specHash: string;
   compilerVersion: string;

@@ -33,6 +33,14 @@ export function formatDuration(seconds: number): string {
 }
 
 /** Formats a field value compactly: 4 significant digits for floats, integers as they are. */
+/** 1.23 GiB, 456 MiB, 12 KiB: binary units, three significant digits. */
+export function formatBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${i === 0 ? n : n.toPrecision(3)} ${units[i]}`;
+}
+
 export function formatField(v: string | number): string {
   if (typeof v === 'string') return v;
   if (Number.isInteger(v)) return String(v);

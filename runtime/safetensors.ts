@@ -1,8 +1,11 @@
 // safetensors: u64 LE header length N, N bytes of JSON {name: {dtype, shape, data_offsets}, __metadata__?}, then
 // the byte buffer. Reading validates everything a later typed view relies on, so a bad file fails here, naming
-// the file and the tensor, instead of producing a garbage model.
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+// the file and the tensor, instead of producing a garbage model. openSafetensors reads the header alone and each
+// tensor when asked (files of any size, sharded or not); readSafetensors reads every tensor (small files).
 import { QaloraError } from './errors.ts';
+import { BufferSource, type ByteSource, withFile, writeFileAtomic } from './formats/file.ts';
+
+export { writeFileAtomic };
 
 export type SafeDType = 'F32' | 'F16' | 'BF16' | 'I32' | 'U8' | 'I8' | 'I64' | 'F64' | 'I16' | 'U16' | 'U32';
 
@@ -13,8 +16,25 @@ export const DTYPE_BYTES: Record<SafeDType, number> = {
 export interface SafeTensor {
   dtype: SafeDType;
   shape: number[];
-  /** Raw little-endian bytes (a view into the file buffer when read). */
+  /** Raw little-endian bytes (a view into the buffer parseSafetensors was given, or the tensor's own array). */
   data: Uint8Array;
+}
+
+/** A tensor whose bytes are obtained when needed: read() on every call (no cache). Writers take these too. */
+export interface LazyTensor {
+  dtype: SafeDType;
+  shape: number[];
+  read(): Uint8Array;
+}
+
+/** A tensor of an opened file. */
+export interface StoredTensor extends LazyTensor {
+  name: string;
+  /** The file it is in (a shard's path for sharded checkpoints). */
+  file: string;
+  /** Absolute offset of its first byte in the file, and its size. */
+  offset: number;
+  byteLength: number;
 }
 
 export interface SafetensorsFile {
@@ -22,32 +42,61 @@ export interface SafetensorsFile {
   metadata: Record<string, string>;
 }
 
+/** An opened file: the header is read, tensors are read when asked. */
+export interface SafetensorsIndex {
+  path: string;
+  tensors: Map<string, StoredTensor>;
+  metadata: Record<string, string>;
+  /** Releases the file (its tensors can no longer be read). */
+  close(): void;
+}
+
 export function numel(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
 }
 
-/** Reads a whole .safetensors file; tensors are views into one buffer. */
-export function readSafetensors(path: string): SafetensorsFile {
-  let buf: Buffer;
-  try {
-    buf = readFileSync(path);
-  } catch (e) {
-    throw new QaloraError(`${path}: cannot read safetensors file (${(e as Error).message})`);
-  }
-  return parseSafetensors(new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength), path);
+/** A stored tensor's bytes as a SafeTensor (its own array, aligned: typed views need no copy). */
+export function readTensor(t: LazyTensor): SafeTensor {
+  return { dtype: t.dtype, shape: t.shape, data: t.read() };
 }
 
+/** Opens a .safetensors file: reads the header now, each tensor when its read() is called. */
+export function openSafetensors(path: string): SafetensorsIndex {
+  return withFile(path, 'safetensors file', (src) => parseHeader(src));
+}
+
+/** Reads a whole .safetensors file, every tensor in its own array (for small files: adapters, checkpoints). */
+export function readSafetensors(path: string): SafetensorsFile {
+  const f = openSafetensors(path);
+  try {
+    return { tensors: new Map([...f.tensors].map(([name, t]) => [name, readTensor(t)])), metadata: f.metadata };
+  } finally {
+    f.close();
+  }
+}
+
+/** A safetensors file in memory; tensors are views into `bytes`. */
 export function parseSafetensors(bytes: Uint8Array, path = '<buffer>'): SafetensorsFile {
-  if (bytes.byteLength < 8) throw new QaloraError(`${path}: not a safetensors file (${bytes.byteLength} bytes, need an 8-byte header length)`);
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const headerLen = dv.getBigUint64(0, true);
-  if (headerLen > BigInt(bytes.byteLength - 8)) {
-    throw new QaloraError(`${path}: safetensors header length ${headerLen} exceeds the file size ${bytes.byteLength} (truncated or not a safetensors file)`);
+  const f = parseHeader(new BufferSource(bytes, path));
+  return { tensors: new Map([...f.tensors].map(([name, t]) => [name, readTensor(t)])), metadata: f.metadata };
+}
+
+/** Headers beyond this are not safetensors files (real ones are kilobytes to a few MB); refuse before reading. */
+const MAX_HEADER = 256 << 20;
+
+function parseHeader(src: ByteSource): SafetensorsIndex {
+  const path = src.path;
+  if (src.size < 8) throw new QaloraError(`${path}: not a safetensors file (${src.size} bytes, need an 8-byte header length)`);
+  const len = src.bytes(0, 8, `${path}: header length`);
+  const headerLen = new DataView(len.buffer, len.byteOffset, 8).getBigUint64(0, true);
+  if (headerLen > BigInt(src.size - 8)) {
+    throw new QaloraError(`${path}: safetensors header length ${headerLen} exceeds the file size ${src.size} (truncated or not a safetensors file)`);
   }
   const hl = Number(headerLen);
+  if (hl > MAX_HEADER) throw new QaloraError(`${path}: safetensors header length ${hl} is implausible (over ${MAX_HEADER} bytes; not a safetensors file?)`);
   let header: Record<string, unknown>;
   try {
-    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(8, 8 + hl)));
+    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(src.bytes(8, hl, `${path}: header`)));
   } catch (e) {
     throw new QaloraError(`${path}: safetensors header is not valid UTF-8 JSON (${(e as Error).message})`);
   }
@@ -55,8 +104,8 @@ export function parseSafetensors(bytes: Uint8Array, path = '<buffer>'): Safetens
     throw new QaloraError(`${path}: safetensors header must be a JSON object`);
   }
   const dataStart = 8 + hl;
-  const dataLen = bytes.byteLength - dataStart;
-  const tensors = new Map<string, SafeTensor>();
+  const dataLen = src.size - dataStart;
+  const tensors = new Map<string, StoredTensor>();
   let metadata: Record<string, string> = {};
   for (const [name, raw] of Object.entries(header)) {
     if (name === '__metadata__') {
@@ -70,12 +119,13 @@ export function parseSafetensors(bytes: Uint8Array, path = '<buffer>'): Safetens
       throw new QaloraError(`${where}: unsupported dtype ${JSON.stringify(info?.dtype)} (supported: ${Object.keys(DTYPE_BYTES).join(', ')})`);
     }
     const dtype = info.dtype as SafeDType;
-    if (!Array.isArray(info.shape) || !info.shape.every((d) => Number.isInteger(d) && d >= 0)) {
+    // Safe integers only: JSON numbers past 2^53 have already lost their exact value.
+    if (!Array.isArray(info.shape) || !info.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       throw new QaloraError(`${where}: shape must be an array of non-negative integers, got ${JSON.stringify(info.shape)}`);
     }
     const off = info.data_offsets;
-    if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isInteger(d) && d >= 0) || off[0] > off[1]) {
-      throw new QaloraError(`${where}: data_offsets must be [begin, end] with 0 ≤ begin ≤ end, got ${JSON.stringify(off)}`);
+    if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && d >= 0) || off[0] > off[1]) {
+      throw new QaloraError(`${where}: data_offsets must be [begin, end] with 0 ≤ begin ≤ end < 2^53, got ${JSON.stringify(off)}`);
     }
     const [begin, end] = off as [number, number];
     if (end > dataLen) {
@@ -83,12 +133,14 @@ export function parseSafetensors(bytes: Uint8Array, path = '<buffer>'): Safetens
     }
     const shape = info.shape as number[];
     const expected = numel(shape) * DTYPE_BYTES[dtype];
+    if (!Number.isSafeInteger(expected)) throw new QaloraError(`${where}: shape [${shape}] of ${dtype} overflows (more than 2^53 bytes; lying header?)`);
     if (end - begin !== expected) {
       throw new QaloraError(`${where}: ${end - begin} bytes of data but shape [${shape}] of ${dtype} needs ${expected}`);
     }
-    tensors.set(name, { dtype, shape, data: bytes.subarray(dataStart + begin, dataStart + end) });
+    const offset = dataStart + begin, what = `${where}: ${dtype} [${shape}]`;
+    tensors.set(name, { name, file: path, dtype, shape, offset, byteLength: expected, read: () => src.bytes(offset, expected, what) });
   }
-  return { tensors, metadata };
+  return { path, tensors, metadata, close: () => src.close() };
 }
 
 /** A typed array over the tensor's bytes, copying only when the bytes are not aligned for the type. */
@@ -209,19 +261,15 @@ export function f32To16(dtype: 'F16' | 'BF16', shape: number[], data: Float32Arr
   return tensorOf(dtype, shape, out);
 }
 
-/** Serialises tensors (in the map's order) and metadata into the safetensors byte layout. */
-export function serializeSafetensors(tensors: Map<string, SafeTensor> | Record<string, SafeTensor>, metadata: Record<string, string> = {}): Uint8Array[] {
-  const entries = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
+/** The header (length + JSON, padded so the data starts 8-aligned) for tensors in this order. */
+function safetensorsHeader(entries: [string, { dtype: SafeDType; shape: number[] }][], metadata: Record<string, string>): Uint8Array {
   const header: Record<string, unknown> = {};
   if (Object.keys(metadata).length) header.__metadata__ = metadata;
   let offset = 0;
   for (const [name, t] of entries) {
-    const expected = numel(t.shape) * DTYPE_BYTES[t.dtype];
-    if (t.data.byteLength !== expected) {
-      throw new QaloraError(`tensor '${name}': ${t.data.byteLength} bytes but shape [${t.shape}] of ${t.dtype} needs ${expected}`);
-    }
-    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + expected] };
-    offset += expected;
+    const bytes = numel(t.shape) * DTYPE_BYTES[t.dtype];
+    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
   }
   let json = JSON.stringify(header);
   // Pad the header with spaces so the data buffer starts 8-aligned and typed views need no copy.
@@ -229,28 +277,34 @@ export function serializeSafetensors(tensors: Map<string, SafeTensor> | Record<s
   const head = new Uint8Array(8 + Buffer.byteLength(json));
   new DataView(head.buffer).setBigUint64(0, BigInt(head.byteLength - 8), true);
   Buffer.from(head.buffer).write(json, 8, 'utf8');
-  return [head, ...entries.map(([, t]) => t.data)];
+  return head;
 }
 
-/** Writes atomically: a temporary file beside the target, fsynced, then renamed over it. */
-export function writeSafetensors(path: string, tensors: Map<string, SafeTensor> | Record<string, SafeTensor>, metadata: Record<string, string> = {}): void {
-  writeFileAtomic(path, serializeSafetensors(tensors, metadata));
-}
-
-export function writeFileAtomic(path: string, chunks: Uint8Array[]): void {
-  const tmp = `${path}.tmp-${process.pid}-${Date.now()}`;
-  const fd = openSync(tmp, 'w');
-  try {
-    for (const c of chunks) {
-      let done = 0;
-      while (done < c.byteLength) done += writeSync(fd, c, done, c.byteLength - done);
-    }
-    fsyncSync(fd);
-  } catch (e) {
-    closeSync(fd);
-    try { unlinkSync(tmp); } catch { /* already gone */ }
-    throw e;
+function checkedBytes(name: string, t: SafeTensor | LazyTensor, data: Uint8Array): Uint8Array {
+  const expected = numel(t.shape) * DTYPE_BYTES[t.dtype];
+  if (data.byteLength !== expected) {
+    throw new QaloraError(`tensor '${name}': ${data.byteLength} bytes but shape [${t.shape}] of ${t.dtype} needs ${expected}`);
   }
-  closeSync(fd);
-  renameSync(tmp, path);
+  return data;
+}
+
+/** Serialises tensors (in the map's order) and metadata into the safetensors byte layout. */
+export function serializeSafetensors(tensors: Map<string, SafeTensor> | Record<string, SafeTensor>, metadata: Record<string, string> = {}): Uint8Array[] {
+  const entries = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
+  const data = entries.map(([name, t]) => checkedBytes(name, t, t.data));
+  return [safetensorsHeader(entries, metadata), ...data];
+}
+
+/**
+ * Writes atomically: a temporary file beside the target, fsynced, then renamed over it. Tensors given as
+ * LazyTensor (a StoredTensor of an opened file, or one computed on demand) are read one at a time as the
+ * writer reaches them, so a big file is written at the memory of its largest tensor.
+ */
+export function writeSafetensors(path: string, tensors: Map<string, SafeTensor | LazyTensor> | Record<string, SafeTensor | LazyTensor>, metadata: Record<string, string> = {}): void {
+  const entries = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
+  for (const [name, t] of entries) if ('data' in t) checkedBytes(name, t, t.data);
+  writeFileAtomic(path, (function* () {
+    yield safetensorsHeader(entries, metadata);
+    for (const [name, t] of entries) yield checkedBytes(name, t, 'data' in t ? t.data : t.read());
+  })());
 }

@@ -203,13 +203,16 @@ const total: number = addon.core.sum_f32(y32, 4);
 addon.core.fill_u16(new Uint16Array(2), 2, 7);
 const ids: readonly string[] = specializationIds;
 const status: string = addon.cudaStatus();
+const uploaded: number | undefined = addon.emuCounters?.().h2dBytes;
+// @ts-expect-error the counters are exactly those of compiler/emu-counters.ts
+addon.emuCounters?.().uploads;
 // @ts-expect-error fp16 activations are Uint16Array bits, not Float32Array
 cpu.b4_g32_fp16_mean.forward({} as never, y32, y32);
 // @ts-expect-error core ops have exact signatures
 addon.core.sum_f32(y32);
 // @ts-expect-error no such specialization
 cpu.b5_g32_fp32_mean;
-export { total, ids, status };
+export { total, ids, status, uploaded };
 `,
       );
       const tsc = spawnSync(process.execPath, [join(repoRoot, 'node_modules/typescript/bin/tsc'), '--noEmit', '--strict', '--target', 'ES2022', '--module', 'NodeNext', '--moduleResolution', 'NodeNext', '--allowImportingTsExtensions', '--types', 'node', '--skipLibCheck', join(out, 'use.ts')], { cwd: repoRoot, encoding: 'utf8' });

@@ -9,7 +9,7 @@ import { alpacaPrompt, parseExamples, readExamples } from '../runtime/data/examp
 import { dataTokenizer, tokenizeExamples, type DataTokenizer } from '../runtime/data/tokenize.ts';
 import { readLlama2cTokenizer } from '../runtime/tokenizer/llama2c.ts';
 import { chatTemplateFor } from '../runtime/train/setup.ts';
-import { fixture, haveFixtures } from './fixtures.ts';
+import { fixture, needs } from './fixtures.ts';
 
 // One token per character: boundaries and masks can be checked by counting characters.
 const charTok: DataTokenizer = {
@@ -88,8 +88,7 @@ describe('formats', () => {
     expect(() => parseExamples('{"messages":[{"role":"user","content":"x"}]}', 'c.jsonl')).toThrow(/no assistant message/);
   });
 
-  it('masks Alpaca prompts with a real SentencePiece tokenizer too', () => {
-    if (!haveFixtures('models/stories260K/tok512.bin', 'data/instructions/identity.alpaca.json')) return;
+  it('masks Alpaca prompts with a real SentencePiece tokenizer too', needs('models/stories260K/tok512.bin', 'data/instructions/identity.alpaca.json'), () => {
     const tok = readLlama2cTokenizer(fixture('models/stories260K/tok512.bin'));
     const dt = dataTokenizer(tok, 'tok512');
     const ex = readExamples(fixture('data/instructions/identity.alpaca.json'), { placeholders: { name: 'Qal', author: 'us' } });

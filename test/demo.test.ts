@@ -5,13 +5,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runDemo } from '../runtime/cli/demo.ts';
-import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+import { fixture, repoRoot } from './fixtures.ts';
 
-const ready = haveFixtures('models/stories260K/stories260K.bin', 'models/stories260K/tok512.bin', 'data/shakespeare/tinyshakespeare.txt');
 const out = mkdtempSync(join(tmpdir(), 'qalora-demo-'));
 afterAll(() => rmSync(out, { recursive: true, force: true }));
 
-describe.runIf(ready)('qalora demo (shortened)', () => {
+describe('qalora demo (shortened)', () => {
   it('quantizes, fine-tunes, merges, evaluates and samples', async () => {
     const lines: string[] = [];
     const r = await runDemo({

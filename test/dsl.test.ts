@@ -8,7 +8,7 @@ import { formatDiagnostics, loadSpec, parseSpec } from '../dsl/index.ts';
 import { divisors } from '../dsl/defaults.ts';
 import { editDistance, suggest } from '../dsl/suggest.ts';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
-import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+import { fixture, repoRoot } from './fixtures.ts';
 
 const specPath = (name: string) => join(repoRoot, 'specs', name);
 
@@ -70,7 +70,6 @@ describe('example specs', () => {
   });
 
   it('stories260k matches the real model file header', () => {
-    if (!haveFixtures('models/stories260K/stories260K.bin')) return;
     // llama2.c v0 header: 7 × i32 {dim, hidden, layers, heads, kv_heads, vocab (negative: unshared), seq_len}.
     const fd = openSync(fixture('models/stories260K/stories260K.bin'), 'r');
     const header = Buffer.alloc(28);

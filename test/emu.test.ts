@@ -23,6 +23,9 @@ const cases = [
   'bits',
   'launch_errors',
   'rotate',
+  'vectors',
+  'counters',
+  'api_misuse',
 ];
 
 const aborted = (r: RunResult) => r.signal === 'SIGABRT' || (r.code !== null && r.code !== 0 && r.code !== 1);
@@ -39,6 +42,8 @@ beforeAll(async () => {
   broken.syncBeforeOverwrite = v('sync-before-overwrite');
   broken.cpWait = v('cp-wait');
   broken.partialBarrier = v('partial-barrier', '  if (threadIdx.x < 40) __syncthreads();  // @partial-barrier');
+  broken.vec16 = v('vec16-offset', '  const int off16 = 2;  // 8-byte aligned: not enough for a 16-byte load');
+  broken.vec8 = v('vec8-offset', '  const int off8 = 1;');
   broken.globalOob = v('vadd-bound', '  if (i <= n) c[i] = a[i] + b[i];', 'asan');
   broken.sharedOob = v(
     'smem-index',
@@ -112,6 +117,32 @@ describe('deliberately broken kernels are caught', () => {
     expect(r.stderr).toContain('deadlock');
     expect(r.stderr).toMatch(/threads 0-30 .*waiting at __shfl_xor_sync with mask 0xffffffff/);
     expect(r.stderr).toMatch(/thread 31 \(31,0,0\) \[warp 0 lane 31\]: waiting at __syncthreads/);
+  });
+
+  it('a misaligned 16-byte vector load aborts at the kernel line, naming the type and the CUDA thread', async () => {
+    const r = await runProgram(await broken.vec16, ['vectors']);
+    expect(r.code).not.toBe(0);
+    expect(r.stdout).not.toContain('ok vectors');
+    expect(r.stderr).toMatch(new RegExp(`kernels\\.cu:${tagLine(source, 'vec16')}:\\d+: runtime error: .*misaligned address 0x[0-9a-f]+ for type 'const struct uint4', which requires 16 byte alignment`));
+    expect(r.stderr).toMatch(/qalora emu: in kernel copy_vec16 launched at .*, block \(0,0,0\), thread 0 \(0,0,0\)/);
+  });
+
+  it('a misaligned 8-byte vector load aborts at the kernel line', async () => {
+    const r = await runProgram(await broken.vec8, ['vectors']);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(new RegExp(`kernels\\.cu:${tagLine(source, 'vec8')}:\\d+: runtime error: .*misaligned address .* 'const struct float2', which requires 8 byte alignment`));
+  });
+
+  it('a read after cudaFree sees the poison pattern (NaN in fp32, fp16 and bf16)', async () => {
+    const r = await runProgram(plain, ['use_after_free']);
+    expect(r.stdout, r.stderr).toContain('read poison');
+    expect(r.code).toBe(0);
+  });
+
+  it('a read after cudaFree is reported by AddressSanitizer at the kernel line', async () => {
+    const r = await runProgram(asan, ['use_after_free']);
+    expect(r.stderr).toContain('use-after-poison');
+    expect(r.stderr).toMatch(new RegExp(`in read_back\\(.*kernels\\.cu:${tagLine(source, 'after-free')}`));
   });
 
   it('an off-by-one global index is reported by AddressSanitizer at the kernel line', async () => {

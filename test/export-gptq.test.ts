@@ -11,11 +11,10 @@ import { readGptqModel } from '../runtime/formats/gptq.ts';
 import { hfToMetaRows } from '../runtime/formats/hf.ts';
 import { quantize as refQuantize } from '../runtime/reference/qalora.ts';
 import type { LlamaWeights, QuantLinear } from '../runtime/model/types.ts';
+import { floatOf, quantOf } from './formats-helpers.ts';
 import { f16BitsToF32, f32ToF16Bits, asF32, asI32, readSafetensors } from '../runtime/safetensors.ts';
-import { haveFixtures } from './fixtures.ts';
 import { STORIES, TOK, trainStories, type TrainedStories } from './train-fixture.ts';
 
-const ready = haveFixtures(STORIES, TOK, 'data/shakespeare/tinyshakespeare.txt');
 const PROJ = { q: 'self_attn.q_proj', k: 'self_attn.k_proj', v: 'self_attn.v_proj', o: 'self_attn.o_proj', gate: 'mlp.gate_proj', up: 'mlp.up_proj', down: 'mlp.down_proj' } as const;
 
 function maxDiff(a: Float32Array, b: Float32Array): number {
@@ -24,7 +23,7 @@ function maxDiff(a: Float32Array, b: Float32Array): number {
   return e;
 }
 
-describe.runIf(ready)('GPTQ export', () => {
+describe('GPTQ export', () => {
   let t: TrainedStories;
   let merged: LlamaWeights;
   beforeAll(async () => {
@@ -108,8 +107,8 @@ describe.runIf(ready)('GPTQ export', () => {
     const exact = readGptqModel(exactDir);
     for (let l = 0; l < cfg.layers; l++) {
       for (const p of ['q', 'k', 'v', 'o', 'gate', 'up', 'down'] as const) {
-        expect(maxDiff(denseWeight(back.blocks[l].proj[p]), denseWeight(w.blocks[l].proj[p]))).toBeLessThanOrEqual(r.maxAbsError * (1 + 1e-6) + 1e-7);
-        const s = snapped.blocks[l].proj[p] as QuantLinear, e = exact.blocks[l].proj[p] as QuantLinear;
+        expect(maxDiff(floatOf(back.blocks[l].proj[p]), denseWeight(w.blocks[l].proj[p]))).toBeLessThanOrEqual(r.maxAbsError * (1 + 1e-6) + 1e-7);
+        const s = snapped.blocks[l].proj[p] as QuantLinear, e = quantOf(exact.blocks[l].proj[p]);
         expect(Array.from(e.qweight)).toEqual(Array.from(s.qweight));
         expect(Array.from(e.alpha)).toEqual(Array.from(s.alpha));
         expect(Array.from(e.beta)).toEqual(Array.from(s.beta));

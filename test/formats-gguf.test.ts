@@ -9,8 +9,8 @@ import { readLlama2c } from '../runtime/formats/llama2c.ts';
 import type { FloatLinear } from '../runtime/model/types.ts';
 import { f16BitsToF32, f32ToF16Bits } from '../runtime/safetensors.ts';
 import { readLlama2cTokenizer } from '../runtime/tokenizer/llama2c.ts';
-import { fixture, haveFixtures } from './fixtures.ts';
-import { expectSameWeights } from './formats-helpers.ts';
+import { fixture, needs } from './fixtures.ts';
+import { expectSameWeights, floatOf } from './formats-helpers.ts';
 
 const V1 = 'models/stories260K/stories260K-f32.gguf-v1.gguf';
 const BIN = 'models/stories260K/stories260K.bin';
@@ -21,8 +21,7 @@ const concat = (chunks: Uint8Array[]) => new Uint8Array(Buffer.concat(chunks));
 const f16 = (x: number) => f32ToF16Bits(x);
 
 describe('GGUF', () => {
-  it('stories260K GGUF v1 equals the llama2.c .bin bit for bit, tokenizer included', () => {
-    if (!haveFixtures(V1, BIN, TOK)) return;
+  it('stories260K GGUF v1 equals the llama2.c .bin bit for bit, tokenizer included', needs(V1, BIN, TOK), () => {
     const f = readGguf(fixture(V1));
     expect(f.version).toBe(1);
     const g = ggufToLlama(f);
@@ -37,8 +36,7 @@ describe('GGUF', () => {
     }
   });
 
-  it('tiny-random GGUF v3 (F16 weights) loads; values match bytes read independently; vocabulary matches the oracle', () => {
-    if (!haveFixtures(V3)) return;
+  it('tiny-random GGUF v3 (F16 weights) loads; values match bytes read independently; vocabulary matches the oracle', needs(V3), () => {
     const raw = readFileSync(fixture(V3));
     const f = readGguf(fixture(V3));
     expect(f.version).toBe(3);
@@ -46,9 +44,9 @@ describe('GGUF', () => {
     expect(w.config).toMatchObject({ dim: 8, hidden: 32, layers: 1, heads: 2, kvHeads: 2, vocab: 32000, context: 4096, tiedClassifier: false });
     // the data section starts at the aligned end of the header; attn_q is F16 [8, 8]
     const q = f.tensors.get('blk.0.attn_q.weight')!;
-    const dataStart = q.data.byteOffset - raw.byteOffset - q.offset;
+    const dataStart = q.fileOffset - q.offset;
     expect(dataStart % 32).toBe(0);
-    const qw = (w.blocks[0].proj.q as FloatLinear).w;
+    const qw = floatOf(w.blocks[0].proj.q);
     for (let i = 0; i < 64; i++) expect(qw[i]).toBe(f16BitsToF32(raw.readUInt16LE(dataStart + q.offset + 2 * i)));
     expect(w.blocks[0].proj.down.in).toBe(32);
     const tok = ggufTokenizer(f);
@@ -84,9 +82,9 @@ describe('GGUF', () => {
       expect(val('arr.bool')).toEqual([true, false]);
       expect([...(val('arr.i32') as Int32Array)]).toEqual([-1, 7]);
       expect(f.tensors.get('b')!.dims).toEqual([2, 2]);
-      expect(f.tensors.get('b')!.data.byteOffset % 64).toBe(0);
-      expect([...dequantize(GgmlType.F16, f.tensors.get('b')!.data, 4, 'b')]).toEqual([1, -2, 0.5, 4]);
-      expect([...dequantize(GgmlType.F32, f.tensors.get('a')!.data, 3, 'a')]).toEqual([1, 2, 3]);
+      expect(f.tensors.get('b')!.fileOffset % 64).toBe(0);
+      expect([...dequantize(GgmlType.F16, f.tensors.get('b')!.read(), 4, 'b')]).toEqual([1, -2, 0.5, 4]);
+      expect([...dequantize(GgmlType.F32, f.tensors.get('a')!.read(), 3, 'a')]).toEqual([1, 2, 3]);
     }
   });
 
@@ -142,7 +140,7 @@ describe('GGUF', () => {
     // Q4_K is listed (so metadata-only reads work) but reading it names the type
     const k = concat(serializeGguf(good, [{ name: 'k', dims: [256], type: GgmlType.F32, data: new Uint8Array(1024) }]));
     const f = parseGguf(k, 'k.gguf');
-    expect(() => dequantize(12, f.tensors.get('k')!.data, 256, "k.gguf: tensor 'k'")).toThrow(/k\.gguf: tensor 'k': unsupported ggml tensor type Q4_K/);
+    expect(() => dequantize(12, f.tensors.get('k')!.read(), 256, "k.gguf: tensor 'k'")).toThrow(/k\.gguf: tensor 'k': unsupported ggml tensor type Q4_K/);
     // a llama whose tensors are missing or misshapen
     const meta: GgufWriteKV[] = [
       ...good, ['llama.embedding_length', T.U32, 32], ['llama.feed_forward_length', T.U32, 64], ['llama.block_count', T.U32, 1],
@@ -159,7 +157,7 @@ describe('GGUF', () => {
 
 describe('GGUF quantized projections kept as QA-LoRA bases', () => {
   it('Q4_0, Q4_1 and Q8_0 map exactly onto (q, α, β) with group 32; Q5_1 stays float', async () => {
-    const { ggmlToQuantLinear } = await import('../runtime/formats/gguf-llama.ts');
+    const { blocksToQuantLinear } = await import('../runtime/formats/ggml-blocks.ts');
     const { unpackQ, wordsPerRow } = await import('../runtime/reference/numeric.ts');
     let seed = 12345;
     const rnd = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed / 2 ** 32; };
@@ -175,8 +173,7 @@ describe('GGUF quantized projections kept as QA-LoRA bases', () => {
     };
     for (const type of [GgmlType.Q4_0, GgmlType.Q4_1, GgmlType.Q8_0, GgmlType.Q5_1]) {
       const data = new Uint8Array(Buffer.concat(Array.from({ length: out * inF / 32 }, () => block(type))));
-      const t = { name: 'w', dims: [inF, out], type, offset: 0, data };
-      const lin = ggmlToQuantLinear(t, { rank: 4 });
+      const lin = blocksToQuantLinear(type, data, out, inF, { rank: 4 });
       const ref = dequantize(type, data, out * inF, 'w');
       if (type === GgmlType.Q5_1) { expect(lin).toBeNull(); continue; }
       expect(lin!.settings).toMatchObject({ bits: type === GgmlType.Q8_0 ? 8 : 4, group: 32, rank: 4 });
@@ -211,10 +208,12 @@ describe('GGUF quantized projections kept as QA-LoRA bases', () => {
         ['llama.context_length', T.U32, 16],
       ];
       const file = parseGguf(concat(serializeGguf(meta, ts)), 'q.gguf');
-      const kept = ggufToLlama(file, { quantized: 'keep' });
-      expect(kept.blocks[0].proj.q.kind).toBe('quant');
-      expect(kept.blocks[0].proj.k.kind).toBe('float');
-      expect(ggufToLlama(file).blocks[0].proj.q.kind).toBe('float');
+      // every projection stays in the file; the one stored in this type offers its blocks as a base
+      const loaded = ggufToLlama(file);
+      const q = loaded.blocks[0].proj.q, k = loaded.blocks[0].proj.k;
+      expect(q.kind === 'file' && q.quant && [q.quant.bits, q.quant.group]).toEqual([type === GgmlType.Q8_0 ? 8 : 4, 32]);
+      expect(k.kind === 'file' && k.quant).toBeUndefined();
+      if (q.kind === 'file') expect(Array.from(q.quant!.read({}).qweight)).toEqual(Array.from(blocksToQuantLinear(type, file.tensors.get('blk.0.attn_q.weight')!.read(), dim, dim)!.qweight));
     }
   });
 });

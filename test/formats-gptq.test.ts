@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import { QaloraError } from '../runtime/errors.ts';
 import { gptqToBlocked32, readGptqModel, type GptqConfig } from '../runtime/formats/gptq.ts';
 import { hfConfigJson, hfToMetaRows } from '../runtime/formats/hf.ts';
-import type { QuantLinear } from '../runtime/model/types.ts';
+import { quantOf } from './formats-helpers.ts';
 import { unpackQ, wordsPerRow } from '../runtime/reference/numeric.ts';
 import { f16BitsToF32, f32ToF16Bits, type SafeTensor, tensorOf, writeSafetensors } from '../runtime/safetensors.ts';
 
@@ -159,7 +159,7 @@ describe('GPTQ checkpoints', () => {
     expect(w.config).toEqual(c);
     const L = 64 / group, wpr = wordsPerRow(64, bits);
     for (const [p, name, heads] of [['q', 'self_attn.q_proj', 4], ['k', 'self_attn.k_proj', 2], ['v', 'self_attn.v_proj', 0]] as const) {
-      const lin = w.blocks[1].proj[p] as QuantLinear;
+      const lin = quantOf(w.blocks[1].proj[p]);
       expect(lin.kind).toBe('quant');
       expect(lin.settings).toMatchObject({ bits, group, rank: 8, alpha: 16 });
       const src = layers[`1.${name}`];

@@ -6,12 +6,13 @@ import { QaloraError } from '../runtime/errors.ts';
 import { hfToMetaRows, readHfModel, writeHfModel } from '../runtime/formats/hf.ts';
 import { readLlama2c } from '../runtime/formats/llama2c.ts';
 import { loadModel } from '../runtime/formats/load.ts';
-import type { FloatLinear, LlamaWeights } from '../runtime/model/types.ts';
+import { denseTable } from '../runtime/model/dense.ts';
+import type { LlamaWeights, LoadedLinear } from '../runtime/model/types.ts';
 import { f16BitsToF32, f32To16, f32ToBf16Bits, f32ToF16Bits, readSafetensors, tensorOf, writeSafetensors } from '../runtime/safetensors.ts';
 import { readLlama2cTokenizer } from '../runtime/tokenizer/llama2c.ts';
 import { sentencePieceToHfJson } from '../runtime/tokenizer/hf.ts';
-import { fixture, haveFixtures } from './fixtures.ts';
-import { expectSameWeights } from './formats-helpers.ts';
+import { fixture } from './fixtures.ts';
+import { expectSameWeights, floatOf } from './formats-helpers.ts';
 
 const BIN = 'models/stories260K/stories260K.bin';
 const TOK = 'models/stories260K/tok512.bin';
@@ -51,7 +52,6 @@ describe('Hugging Face directories', () => {
   const dir = mkdtempSync(join(tmpdir(), 'qalora-hf-'));
 
   it('un-permutes q/k for GQA: attention scores with HF rotate-half RoPE equal Meta-layout ones', () => {
-    if (!haveFixtures(BIN)) return;
     const w = readLlama2c(fixture(BIN));
     const { heads, kvHeads, dim } = w.config;
     expect(kvHeads).toBeLessThan(heads); // the case llama2.c's own converter gets wrong
@@ -61,19 +61,18 @@ describe('Hugging Face directories', () => {
     const hfK = new Float32Array(st.tensors.get('model.layers.2.self_attn.k_proj.weight')!.data.slice().buffer);
     const x = Float32Array.from({ length: dim }, (_, i) => Math.sin(i + 1));
     const y = Float32Array.from({ length: dim }, (_, i) => Math.cos(3 * i));
-    const meta = ropeScores((w.blocks[2].proj.q as FloatLinear).w, (w.blocks[2].proj.k as FloatLinear).w, heads, kvHeads, dim, x, y, 'meta');
+    const meta = ropeScores(floatOf(w.blocks[2].proj.q), floatOf(w.blocks[2].proj.k), heads, kvHeads, dim, x, y, 'meta');
     const hf = ropeScores(hfQ, hfK, heads, kvHeads, dim, x, y, 'hf');
     hf.forEach((s, i) => expect(s).toBeCloseTo(meta[i], 9));
     // and the HF file really is in another row order (the check above would be vacuous otherwise)
-    expect(Buffer.from(hfQ.buffer).equals(Buffer.from((w.blocks[2].proj.q as FloatLinear).w.buffer.slice(0)))).toBe(false);
+    expect(Buffer.from(hfQ.buffer).equals(Buffer.from(floatOf(w.blocks[2].proj.q).buffer.slice(0)))).toBe(false);
     // permuting k with n_heads instead of n_kv_heads (llama2.c's bug) breaks the scores
     const wrongK = hfToMetaRows(hfK, heads, dim);
-    const wrong = ropeScores((w.blocks[2].proj.q as FloatLinear).w, wrongK, heads, kvHeads, dim, x, y, 'meta');
+    const wrong = ropeScores(floatOf(w.blocks[2].proj.q), wrongK, heads, kvHeads, dim, x, y, 'meta');
     expect(wrong.some((s, i) => Math.abs(s - meta[i]) > 1e-3)).toBe(true);
   });
 
   it('writes stories260K as an HF directory (single and sharded) and reads it back bit for bit, with tokenizer.json', async () => {
-    if (!haveFixtures(BIN, TOK)) return;
     const w = readLlama2c(fixture(BIN));
     const tok = readLlama2cTokenizer(fixture(TOK));
     for (const shards of [1, 3]) {
@@ -94,13 +93,12 @@ describe('Hugging Face directories', () => {
       expect(ids.slice(1).map((id, i) => loaded.tokenizer.decodeToken(ids[i], id)).join('')).toBe('Once upon a time');
     }
     // untied: lm_head is read
-    const untied: LlamaWeights = { ...w, config: { ...w.config, tiedClassifier: false }, classifier: w.tokEmbedding.map((v) => v * 2) };
+    const untied: LlamaWeights<LoadedLinear> = { ...w, config: { ...w.config, tiedClassifier: false }, classifier: denseTable(w.tokEmbedding).map((v) => v * 2) };
     writeHfModel(join(dir, 'untied'), untied);
     expectSameWeights(untied, readHfModel(join(dir, 'untied')));
   });
 
   it('reads F16 and BF16 checkpoints (values are the rounded float32 weights)', () => {
-    if (!haveFixtures(BIN)) return;
     const w = readLlama2c(fixture(BIN));
     const d = join(dir, 'half');
     writeHfModel(d, w);
@@ -111,15 +109,15 @@ describe('Hugging Face directories', () => {
       const back = readHfModel(d);
       const round = dtype === 'F16' ? (x: number) => f16BitsToF32(f32ToF16Bits(x)) : (x: number) => new Float32Array(new Uint32Array([f32ToBf16Bits(x) << 16]).buffer)[0];
       let bad = 0;
-      for (let i = 0; i < w.tokEmbedding.length; i += 7) if (back.tokEmbedding[i] !== round(w.tokEmbedding[i])) bad++;
-      const wd = (w.blocks[4].proj.down as FloatLinear).w, bd = (back.blocks[4].proj.down as FloatLinear).w;
+      const we = denseTable(w.tokEmbedding), be = denseTable(back.tokEmbedding);
+      for (let i = 0; i < we.length; i += 7) if (be[i] !== round(we[i])) bad++;
+      const wd = floatOf(w.blocks[4].proj.down), bd = floatOf(back.blocks[4].proj.down);
       for (let i = 0; i < wd.length; i += 5) if (bd[i] !== round(wd[i])) bad++;
       expect(bad, dtype).toBe(0);
     }
   });
 
   it('bad directories: missing tensor, wrong shape, unsupported dtype, bad config, missing shard', () => {
-    if (!haveFixtures(BIN)) return;
     const w = readLlama2c(fixture(BIN));
     const d = join(dir, 'bad');
     writeHfModel(d, w);

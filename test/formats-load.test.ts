@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { QaloraError } from '../runtime/errors.ts';
 import { detectFormat, loadModel, loadTokenizer } from '../runtime/formats/load.ts';
-import { fixture, haveFixtures } from './fixtures.ts';
+import { fixture, needs } from './fixtures.ts';
 import { expectSameWeights } from './formats-helpers.ts';
 
 const BIN = 'models/stories260K/stories260K.bin';
@@ -21,8 +21,7 @@ const rejects = async (p: Promise<unknown>, re: RegExp) => {
 };
 
 describe('loadModel', () => {
-  it('detects llama2.c, GGUF; finds the tokenizer beside the model or in the GGUF; equal weights', async () => {
-    if (!haveFixtures(BIN, GGUF, TOK, AID)) return;
+  it('detects llama2.c, GGUF; finds the tokenizer beside the model or in the GGUF; equal weights', needs(BIN, GGUF, TOK, AID), async () => {
     const a = await loadModel(fixture(BIN));
     const b = await loadModel(fixture(GGUF));
     expect([a.format, b.format]).toEqual(['llama2c', 'gguf']);
@@ -33,8 +32,7 @@ describe('loadModel', () => {
     expect(c.tokenizer.vocabSize).toBe(512);
   });
 
-  it('takes an explicit tokenizer of any kind: tokenizer.bin, SentencePiece .model, GGUF', async () => {
-    if (!haveFixtures(BIN, GGUF, TOK, SPM)) return;
+  it('takes an explicit tokenizer of any kind: tokenizer.bin, SentencePiece .model, GGUF', needs(BIN, GGUF, TOK, SPM), async () => {
     for (const t of [TOK, SPM, GGUF]) {
       const m = await loadModel(fixture(BIN), { tokenizer: fixture(t) });
       expect(m.tokenizer.encode('Hello, world!', { bos: true }), t).toEqual([1, 346, 306, 414, 432, 263, 304, 341, 443]);
@@ -42,8 +40,7 @@ describe('loadModel', () => {
     expect((await loadTokenizer(fixture(SPM))).vocabSize).toBe(512);
   });
 
-  it('bad inputs: missing path, empty directory, tokenizer of another model, no tokenizer, garbage', async () => {
-    if (!haveFixtures(BIN, LLAMA2)) return;
+  it('bad inputs: missing path, empty directory, tokenizer of another model, no tokenizer, garbage', needs(BIN, LLAMA2), async () => {
     const dir = mkdtempSync(join(tmpdir(), 'qalora-load-'));
     await rejects(loadModel(join(dir, 'nope.bin')), /nope\.bin: no such model file or directory/);
     expect(() => detectFormat(dir)).toThrow(/needs config\.json \(Hugging Face\) or quantize_config\.json \(GPTQ\)/);

@@ -10,13 +10,12 @@ import { savePeftAdapter } from '../runtime/adapters/peft.ts';
 import { loadModel } from '../runtime/formats/load.ts';
 import { generate } from '../runtime/model/generate.ts';
 import { LlamaModel } from '../runtime/model/llama.ts';
-import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+import { fixture, repoRoot } from './fixtures.ts';
 
 const MODEL = 'models/stories260K/stories260K.bin';
 
 describe('generate with a quantized base and an adapter', () => {
   it('the CLI prints what the model with that adapter generates', async () => {
-    if (!haveFixtures(MODEL)) return;
     const specFile = join(repoRoot, 'specs/stories260k.qal');
     const spec = loadSpecOrFail(specFile);
     const { weights, tokenizer } = await loadModel(fixture(MODEL));

@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+import { fixture, needs, repoRoot } from './fixtures.ts';
 
 function qalora(args: string[]): { stdout: string } {
   const stdout = execFileSync(process.execPath, [join(repoRoot, 'bin/qalora.mjs'), ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
@@ -22,15 +22,13 @@ const cases: Array<{ name: string; model: string; args: string[]; golden: string
 
 describe('qalora generate matches llama2.c', () => {
   for (const c of cases) {
-    it(c.name, () => {
-      if (!haveFixtures(c.model, c.golden)) return;
+    it(c.name, needs(c.model, c.golden), () => {
       const { stdout } = qalora(['generate', '--model', fixture(c.model), '--temperature', '0', ...c.args]);
       expect(stdout).toBe(readFileSync(fixture(c.golden), 'utf8'));
     });
   }
 
-  it('--max-tokens counts new tokens; -n counts positions including BOS and the prompt', () => {
-    if (!haveFixtures(`${S}stories260K.bin`, 'golden/stories260K_prompt_once_n64.txt')) return;
+  it('--max-tokens counts new tokens; -n counts positions including BOS and the prompt', needs(`${S}stories260K.bin`, 'golden/stories260K_prompt_once_n64.txt'), () => {
     const base = ['generate', '--model', fixture(`${S}stories260K.bin`), '-t', '0', '--prompt', 'Once upon a time'];
     // The prompt is 5 tokens with BOS, so -n 64 makes 60 new tokens: the same text as --max-tokens 60.
     expect(qalora([...base, '--max-tokens', '60']).stdout).toBe(readFileSync(fixture('golden/stories260K_prompt_once_n64.txt'), 'utf8'));
@@ -38,7 +36,6 @@ describe('qalora generate matches llama2.c', () => {
   });
 
   it('bad flags give a clear error', () => {
-    if (!haveFixtures(`${S}stories260K.bin`)) return;
     expect(() => qalora(['generate', '--model', fixture(`${S}stories260K.bin`), '-n', '5', '--max-tokens', '3'])).toThrow(/give -n or --max-tokens, not both/);
   });
 });

@@ -6,7 +6,8 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { demangle, gemmSmemBytes, parsePtxas, readCubin, shortKernelName } from '../compiler/inspect.ts';
+import { ptxEntries, sassFunctions, sassTool } from '../compiler/disasm.ts';
+import { demangle, gemmSmemBytes, NVCC, parsePtxas, readCubin, shortKernelName } from '../compiler/inspect.ts';
 import { planSpec } from '../compiler/plan.ts';
 import { parseSpec } from '../dsl/index.ts';
 import { repoRoot } from './fixtures.ts';
@@ -37,6 +38,23 @@ describe('parsePtxas', () => {
       { mangled: '_Z1fv', arch: 'sm_80', registers: 255, barriers: 1, spillStores: 8, spillLoads: 12, stackFrame: 24, staticSmem: 4096 },
       { mangled: '_Z1gv', arch: 'sm_90', registers: 32, barriers: 0, spillStores: 0, spillLoads: 0, stackFrame: 0, staticSmem: 0 },
     ]);
+  });
+});
+
+describe('PTX and SASS listings are split per kernel', () => {
+  it('ptxEntries: each .entry to its closing brace', () => {
+    const ptx = '.version 9.0\n.target sm_90\n.visible .entry _Z1fv(\n)\n{\n\tret;\n}\n.visible .entry _Z1gv(\n.param .u64 p\n)\n{\n\tret;\n}\n';
+    expect(ptxEntries(ptx)).toEqual([
+      { mangled: '_Z1fv', text: '.visible .entry _Z1fv(\n)\n{\n\tret;\n}' },
+      { mangled: '_Z1gv', text: '.visible .entry _Z1gv(\n.param .u64 p\n)\n{\n\tret;\n}' },
+    ]);
+  });
+
+  it('sassFunctions: cuobjdump and nvdisasm layouts', () => {
+    const cuobjdump = '\tcode for sm_90\n\t\tFunction : _Z1fv\n\t.headerflags @"EF"\n        /*0000*/ LDC R1, c[0x0][0x28] ;\n\t\tFunction : _Z1gv\n        /*0000*/ EXIT ;\n';
+    expect(sassFunctions(cuobjdump).map((f) => [f.mangled, f.text.split('\n').length])).toEqual([['_Z1fv', 3], ['_Z1gv', 2]]);
+    const nvdisasm = '\t.headerflags @"EF"\n\t.section\t.text._Z1fv,"ax",@progbits\n_Z1fv:\n        /*0000*/ EXIT ;\n';
+    expect(sassFunctions(nvdisasm).map((f) => f.mangled)).toEqual(['_Z1fv']);
   });
 });
 
@@ -96,6 +114,41 @@ describe('qalora inspect', () => {
     const src = join(keep, 'src');
     const r = spawnSync('g++', ['-std=c++17', '-fsyntax-only', '-DQALORA_EMU', `-I${src}`, `-I${join(src, 'common')}`, `-I${join(cuda, 'include')}`, check], { encoding: 'utf8' });
     expect(r.status, r.stderr.slice(0, 3000)).toBe(0);
+  });
+
+  it('llama2-7b b4_g32_fp16_mean on sm_90: the kernel bodies it instantiates, their PTX, and SASS where a disassembler exists', () => {
+    const sass = sassTool(NVCC) !== null;
+    const args = ['inspect', join(repoRoot, 'specs', 'llama2-7b.qal'), '--kernel', 'b4_g32_fp16_mean', '--arch', 'sm_90', '--ptx', ...(sass ? ['--sass'] : [])];
+    const r = qalora(args);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain('static constexpr int bits = 4;');
+    // The templates behind the Config: the tensor-core GEMM and what it calls, the GEMV with its vector loads.
+    expect(r.stdout).toMatch(/\/\/ ---- gemm_kernel \(src\/cuda\/gemm\.cuh:\d+\), instantiated as gemm_kernel<y>, gemm_kernel<dx> ----\n/);
+    expect(r.stdout).toMatch(/\/\/ ---- run_tensor_cores \(src\/cuda\/gemm\.cuh:\d+\), called by gemm_kernel ----\n/);
+    expect(r.stdout).toMatch(/\/\/ ---- load8 \(src\/cuda\/gemv\.cuh:\d+\), called by gemv_kernel ----\n/);
+    expect(r.stdout).toContain('__global__ void QL_LAUNCH_BOUNDS(C::gemm_warps * 32');
+    // PTX per kernel of this specialization only, with the tensor-core instructions the arch check relies on.
+    const ptx = r.stdout.split('// ==== PTX sm_90: ').slice(1);
+    expect(ptx.length).toBeGreaterThanOrEqual(10);
+    for (const k of ptx) {
+      expect(k).toContain('.entry');
+      expect(k).toContain('16b4_g32_fp16_mean');
+    }
+    const gemm = ptx.find((k) => k.startsWith('gemm_kernel<y>'))!;
+    expect(gemm).toContain('mma.sync.aligned.m16n8k16');
+    expect(gemm).toContain('cp.async');
+    if (sass) {
+      const listing = r.stdout.split('// ==== SASS sm_90: ').slice(1);
+      expect(listing.length).toBe(ptx.length);
+      expect(listing.find((k) => k.startsWith('gemm_kernel<y>'))).toMatch(/HMMA/);
+      expect(listing.join('')).toMatch(/LDG/);
+    }
+  }, 600_000);
+
+  it.runIf(sassTool(NVCC) === null)('--sass without cuobjdump or nvdisasm says so before compiling', () => {
+    const r = qalora(['inspect', specFile, '--sass']);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain('--sass needs cuobjdump or nvdisasm');
   });
 
   it('names an unknown kernel and lists the known ones', () => {

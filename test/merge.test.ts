@@ -10,18 +10,16 @@ import { loadQuantizedBase, saveQuantizedBase } from '../runtime/model/basefile.
 import { LlamaModel } from '../runtime/model/llama.ts';
 import type { QuantLinear } from '../runtime/model/types.ts';
 import { openForRun } from '../runtime/train/setup.ts';
-import { fixture, haveFixtures } from './fixtures.ts';
+import { fixture, needs } from './fixtures.ts';
 import { STORIES, TOK, trainStories, type TrainedStories } from './train-fixture.ts';
 
-const ready = haveFixtures(STORIES, TOK, 'data/shakespeare/tinyshakespeare.txt', 'data/tinystories/tinystories-5-stories.txt');
-
-describe.runIf(ready)('merge (stories260K, INT4, trained adapter)', () => {
+describe('merge (stories260K, INT4, trained adapter)', () => {
   let t: TrainedStories;
   beforeAll(async () => {
     t = await trainStories(10);
   });
 
-  it('merged logits equal base + adapter logits within float rounding on real text', async () => {
+  it('merged logits equal base + adapter logits within float rounding on real text', needs('data/tinystories/tinystories-5-stories.txt'), async () => {
     const { weights, report } = await mergeModel(t.model);
     expect(report.quant).toBe(35);
     expect(report.maxShift).toBeGreaterThan(1e-4); // the adapter really moved the offsets

@@ -13,7 +13,7 @@ import { loadQuantizedBase, saveQuantizedBase } from '../runtime/model/basefile.
 import { calibrationFromText } from '../runtime/model/calib.ts';
 import { LlamaModel } from '../runtime/model/llama.ts';
 import type { Tokenizer } from '../runtime/tokenizer/types.ts';
-import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+import { fixture, needs, repoRoot } from './fixtures.ts';
 
 const MODEL = 'models/stories260K/stories260K.bin';
 const TOK = 'models/stories260K/tok512.bin';
@@ -35,8 +35,7 @@ function meanCe(model: LlamaModel, tok: Tokenizer): { ce: number; tokens: number
 }
 
 describe('stories260K', () => {
-  it('float, 4-bit quantized, and the quantized base saved and reloaded', async () => {
-    if (!haveFixtures(MODEL, TOK, STORIES)) return;
+  it('float, 4-bit quantized, and the quantized base saved and reloaded', needs(MODEL, TOK, STORIES), async () => {
     const { weights, tokenizer } = await loadModel(fixture(MODEL), { tokenizer: fixture(TOK) });
     const float = await LlamaModel.create(weights, { backend: 'cpu' });
     const f = meanCe(float, tokenizer);

@@ -54,4 +54,24 @@ describe('an addon with the cpu, emu and cuda backends of the real kernels', () 
     k.layer('proj', 'emu').forward(a, x, yEmu);
     for (let i = 0; i < yCpu.length; i++) expect(Math.abs(yEmu[i] - yCpu[i])).toBeLessThan(1e-4 * (1 + Math.abs(yCpu[i])));
   });
+
+  it('the emulator counts the exact traffic of a forward call', () => {
+    const a = args();
+    const x = randomF32(m * inF, rnd);
+    const y = new Float32Array(m * out);
+    k.emuResetCounters!();
+    k.layer('proj', 'emu').forward(a, x, y);
+    // templates/cuda/host.cuh stages every call: q, α, β, A, B and x up (one blocking cudaMemcpy each), y down,
+    // device buffers for those plus pooled x [m, in/g] and h [m, rank]; one cudaDeviceSynchronize; the pooling
+    // kernel and one GEMV launch (m = 5 fits one register block of rows).
+    const up = [a.qweight, a.alpha, a.beta, a.loraA, a.loraB, x].reduce((n, t) => n + t.byteLength, 0);
+    const scratch = 4 * (m * (inF / 32) + m * rank);
+    expect(up).toBe(3972);
+    expect(k.emuCounters!()).toEqual({
+      h2dCalls: 6, h2dBytes: up, d2hCalls: 1, d2hBytes: y.byteLength, d2dCalls: 0, d2dBytes: 0,
+      allocs: 9, allocBytes: up + y.byteLength + scratch, frees: 9, syncs: 6 + 1 + 1, launches: 2,
+    });
+    k.emuResetCounters!();
+    expect(k.emuCounters!().h2dBytes).toBe(0);
+  });
 });

@@ -16,13 +16,12 @@ import { openModel, type OpenedModel } from '../runtime/model/open.ts';
 import { createQaloraServer } from '../runtime/serve/load.ts';
 import type { QaloraServer } from '../runtime/serve/server.ts';
 import { openForRun } from '../runtime/train/setup.ts';
-import { fixture, haveFixtures, repoRoot } from './fixtures.ts';
+import { fixture, repoRoot } from './fixtures.ts';
 import { trainStories } from './train-fixture.ts';
 
 const MODEL = 'models/stories260K/stories260K.bin';
 const TOK = 'models/stories260K/tok512.bin';
 const SPEC = join(repoRoot, 'specs/stories260k.qal');
-const have = () => haveFixtures(MODEL, TOK);
 
 let dir: string;
 let adapterDir: string;
@@ -47,7 +46,6 @@ async function writeAdapter(to: string): Promise<void> {
 }
 
 beforeAll(async () => {
-  if (!have()) return;
   dir = mkdtempSync(join(tmpdir(), 'qalora-serve-'));
   adapterDir = join(dir, 'adapter');
   await writeAdapter(adapterDir);
@@ -67,7 +65,6 @@ afterAll(async () => {
 
 describe('qalora serve: adapters chosen by model', () => {
   it('lists the base and every adapter; each request runs the adapter it names', async () => {
-    if (!have()) return;
     const models = (await client.models.list()).data;
     expect(models.map((m) => m.id)).toEqual(['stories-int4', 'shakespeare', 'again']);
     expect(models[1]).toMatchObject({ parent: 'stories-int4' });
@@ -81,7 +78,6 @@ describe('qalora serve: adapters chosen by model', () => {
   });
 
   it('base and adapter streams run side by side, each matching its own model', async () => {
-    if (!have()) return;
     const jobs = [
       ['stories-int4', 'The cat'], ['shakespeare', 'The cat'], ['again', 'Lily was'], ['stories-int4', 'Lily was'],
       ['shakespeare', 'One day'], ['stories-int4', 'One day'],
@@ -96,7 +92,6 @@ describe('qalora serve: adapters chosen by model', () => {
   });
 
   it('refuses an adapter that does not fit, naming it', async () => {
-    if (!have()) return;
     await expect(createQaloraServer({ model: fixture(MODEL), tokenizer: fixture(TOK), loras: [`x=${adapterDir}`] })).rejects.toThrow(/--lora needs a QA-LoRA model/);
     await expect(createQaloraServer({ model: fixture(MODEL), tokenizer: fixture(TOK), spec: SPEC, loras: [`x=${dir}/missing`] })).rejects.toThrow(/--lora x=.*missing.*not an adapter directory/);
     await expect(createQaloraServer({ model: fixture(MODEL), tokenizer: fixture(TOK), spec: SPEC, loras: ['noequals'] })).rejects.toThrow(/expected NAME=DIR/);
@@ -116,7 +111,6 @@ describe('qalora serve --model MERGED (the CLI)', () => {
   });
 
   it('serves stories260K fine-tuned and merged, streams chat token by token, and drains on SIGTERM', async () => {
-    if (!have()) return;
     // A short real fine-tune (tinyshakespeare), merged into the INT4 base's offsets as `qalora merge` does.
     const trained = await trainStories(10, { dir: join(dir, 'train') });
     const merged = join(dir, 'merged.safetensors');

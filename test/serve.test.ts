@@ -12,13 +12,12 @@ import { Engine } from '../runtime/serve/engine.ts';
 import { createQaloraServer } from '../runtime/serve/load.ts';
 import { sample } from '../runtime/serve/metrics.ts';
 import { QaloraServer } from '../runtime/serve/server.ts';
-import { fixture, haveFixtures } from './fixtures.ts';
+import { fixture, needs } from './fixtures.ts';
 
 const MODEL = 'models/stories260K/stories260K.bin';
 const M = 'stories260K';
 const TOK = 'models/stories260K/tok512.bin';
 const GOLDEN = 'golden/stories260K_prompt_once_n64.txt';
-const have = () => haveFixtures(MODEL, TOK, GOLDEN);
 
 let server: QaloraServer;
 let url: string;
@@ -62,7 +61,6 @@ async function post(base: string, path: string, body: string | object, headers: 
 }
 
 beforeAll(async () => {
-  if (!have()) return;
   server = await createQaloraServer({ model: fixture(MODEL), tokenizer: fixture(TOK), parallel: 8, maxQueue: 16 });
   const a = await server.listen(0);
   url = `http://127.0.0.1:${a.port}`;
@@ -76,7 +74,6 @@ afterAll(async () => {
 
 describe('qalora serve: generation', () => {
   it('lists the model and answers /health without a key', async () => {
-    if (!have()) return;
     const models = await client.models.list();
     expect(models.data.map((m) => m.id)).toEqual(['stories260K']);
     expect((await client.models.retrieve('stories260K')).id).toBe('stories260K');
@@ -86,7 +83,6 @@ describe('qalora serve: generation', () => {
   });
 
   it('/metrics counts requests, tokens and latency in Prometheus text', async () => {
-    if (!have()) return;
     const p0 = await metric('qalora_prompt_tokens_total'), c0 = await metric('qalora_completion_tokens_total');
     const n0 = sample(await metrics(), 'qalora_request_duration_seconds_count{route="/v1/completions"}') ?? 0;
     const r = await client.completions.create({ model: M, prompt: 'Once upon a time', max_tokens: 7, temperature: 0 });
@@ -100,8 +96,7 @@ describe('qalora serve: generation', () => {
     expect(sample(text, 'qalora_tokens_per_second')).toBeGreaterThan(0);
   });
 
-  it('a greedy completion equals generate() and llama2.c for the same prompt', async () => {
-    if (!have()) return;
+  it('a greedy completion equals generate() and llama2.c for the same prompt', needs(GOLDEN), async () => {
     const prompt = 'Once upon a time';
     const r = await client.completions.create({ model: 'stories260K', prompt, max_tokens: 60, temperature: 0 });
     const text = r.choices[0].text;
@@ -114,7 +109,6 @@ describe('qalora serve: generation', () => {
   });
 
   it('streams a completion token by token with usage at the end', async () => {
-    if (!have()) return;
     const prompt = 'The little dog';
     const stream = await client.completions.create({ model: M, prompt, max_tokens: 40, temperature: 0, stream: true, stream_options: { include_usage: true } });
     const pieces: string[] = [];
@@ -135,7 +129,6 @@ describe('qalora serve: generation', () => {
   });
 
   it('chat, whole and streamed, runs the plain template (one user message = the prompt)', async () => {
-    if (!have()) return;
     const messages = [{ role: 'user' as const, content: 'Lily and Ben went to the park' }];
     const expected = reference(messages[0].content, { temperature: 0, maxTokens: 30 });
     const whole = await client.chat.completions.create({ model: 'stories260K', messages, max_tokens: 30, temperature: 0 });
@@ -156,7 +149,6 @@ describe('qalora serve: generation', () => {
   });
 
   it('seeded sampling (temperature, top_p, top_k) reproduces generate() with the same seed', async () => {
-    if (!have()) return;
     const prompt = 'One day';
     for (const o of [{ temperature: 1, top_p: 1, seed: 42 }, { temperature: 0.8, top_p: 0.9, seed: 7 }, { temperature: 1.2, top_k: 20, seed: 3 }] as const) {
       const r = await client.completions.create({ model: M, prompt, max_tokens: 40, ...o } as OpenAI.CompletionCreateParamsNonStreaming);
@@ -167,7 +159,6 @@ describe('qalora serve: generation', () => {
   });
 
   it('stop strings end the text before them', async () => {
-    if (!have()) return;
     const prompt = 'Once upon a time';
     const full = reference(prompt, { temperature: 0, maxTokens: 60 });
     const at = full.indexOf('Lily');
@@ -182,7 +173,6 @@ describe('qalora serve: generation', () => {
   });
 
   it('logprobs are the model\'s log-softmax for the sampled token and its top alternatives', async () => {
-    if (!have()) return;
     const prompt = 'Once upon a time';
     const r = await client.completions.create({ model: M, prompt, max_tokens: 3, temperature: 0, logprobs: 3 });
     const lp = r.choices[0].logprobs!;
@@ -212,7 +202,6 @@ describe('qalora serve: continuous batching', () => {
   const prompts = ['Once upon a time', 'The cat', 'Lily was', 'One day, Tom', 'The sun', 'Ben had a', 'In the park', 'A big red'];
 
   it(`${prompts.length} concurrent streams match their own generations and share decode steps`, async () => {
-    if (!have()) return;
     const maxTokens = 48;
     const expected = prompts.map((p) => reference(p, { temperature: 0, maxTokens }));
     const stream = async (prompt: string) => {
@@ -252,7 +241,6 @@ describe('qalora serve: continuous batching', () => {
   });
 
   it('a client that disconnects mid-stream frees its slot at once', async () => {
-    if (!have()) return;
     const cancelled0 = await metric('qalora_cancelled_requests_total');
     const made0 = await metric('qalora_generated_tokens_total');
     const stream = await client.completions.create({ model: M, prompt: 'Once upon a time', max_tokens: 500, temperature: 0, stream: true });
@@ -274,7 +262,6 @@ describe('qalora serve: continuous batching', () => {
   });
 
   it('a full queue answers 429 with Retry-After, and the queue drains', async () => {
-    if (!have()) return;
     const base = await sideServer({ parallel: 1, maxQueue: 1 });
     const c = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'x', maxRetries: 0 });
     const first = await c.completions.create({ model: M, prompt: 'Once', max_tokens: 200, temperature: 0, stream: true });
@@ -293,7 +280,6 @@ describe('qalora serve: continuous batching', () => {
     expect(await metric('qalora_rejected_requests_total', base)).toBe(2);
   });
   it('shutdown stops accepting and cancels what is still running at the deadline', async () => {
-    if (!have()) return;
     const base = await sideServer({ parallel: 2, maxQueue: 2 });
     const s = extra[extra.length - 1];
     const c = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'x', maxRetries: 0 });
@@ -324,7 +310,6 @@ describe('qalora serve: continuous batching', () => {
 
 describe('qalora serve: errors and the API key', () => {
   it('each error class has OpenAI\'s shape and status', async () => {
-    if (!have()) return;
     const shape = (j: any) => expect(Object.keys(j.error).sort()).toEqual(['code', 'message', 'param', 'type']);
 
     const bad = await post(url, '/v1/completions', '{"prompt": "x",');
@@ -405,7 +390,6 @@ describe('qalora serve: errors and the API key', () => {
   });
 
   it('--api-key protects everything but /health', async () => {
-    if (!have()) return;
     const base = await sideServer({ apiKey: 'sk-qalora-test' });
     const none = await fetch(`${base}/v1/models`);
     expect(none.status).toBe(401);

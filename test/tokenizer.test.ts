@@ -3,7 +3,7 @@ import llamaTokenizer from 'llama-tokenizer-js';
 import { readFileSync, writeFileSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fixture, haveFixtures } from './fixtures.ts';
+import { fixture, needs } from './fixtures.ts';
 import { readLlama2cTokenizer } from '../runtime/tokenizer/llama2c.ts';
 import { SentencePieceBpe } from '../runtime/tokenizer/sentencepiece.ts';
 import { readSentencePieceModel } from '../runtime/tokenizer/spm-model.ts';
@@ -12,6 +12,7 @@ import { QaloraError } from '../runtime/errors.ts';
 
 const TOK512 = 'models/stories260K/tok512.bin';
 const LLAMA2 = 'models/llama2-tokenizer/tokenizer.bin';
+const SPM = 'models/llama2-tokenizer/tokenizer.model';
 
 const samples = [
   'Hello, world!',
@@ -33,7 +34,6 @@ const samples = [
 
 describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
   it('tok512: the documented encodings', () => {
-    if (!haveFixtures(TOK512)) return;
     const tok = readLlama2cTokenizer(fixture(TOK512));
     expect(tok.vocabSize).toBe(512);
     expect(tok.encode('Once upon a time', { bos: true })).toEqual([1, 403, 407, 261, 378]);
@@ -42,8 +42,7 @@ describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
     expect(tok.encode('')).toEqual([]);
   });
 
-  it('LLaMA-2 vocabulary agrees with llama-tokenizer-js on varied text', () => {
-    if (!haveFixtures(LLAMA2)) return;
+  it('LLaMA-2 vocabulary agrees with llama-tokenizer-js on varied text', needs(LLAMA2), () => {
     const tok = readLlama2cTokenizer(fixture(LLAMA2));
     expect(tok.vocabSize).toBe(32000);
     expect(tok.encode('Hello, world!', { bos: true })).toEqual([1, 15043, 29892, 3186, 29991]);
@@ -56,9 +55,7 @@ describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
     expect(tok.encode(long, { bos: true })).toEqual(llamaTokenizer.encode(long, true, true));
   });
 
-  it('SentencePiece .model (protobuf) files encode exactly like their llama2.c exports', () => {
-    const SPM = 'models/llama2-tokenizer/tokenizer.model';
-    if (!haveFixtures(LLAMA2, SPM, TOK512, 'models/stories260K/tok512.model')) return;
+  it('SentencePiece .model (protobuf) files encode exactly like their llama2.c exports', needs(LLAMA2, SPM, TOK512, 'models/stories260K/tok512.model'), () => {
     for (const [bin, model] of [[LLAMA2, SPM], [TOK512, 'models/stories260K/tok512.model']]) {
       const a = readLlama2cTokenizer(fixture(bin));
       const b = readSentencePieceModel(fixture(model));
@@ -68,7 +65,6 @@ describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
   });
 
   it('byte fallback: emoji become <0xNN> tokens that decode back', () => {
-    if (!haveFixtures(TOK512)) return;
     const tok = readLlama2cTokenizer(fixture(TOK512));
     const ids = tok.encode('😀', { bos: false });
     const bytes = [...new TextEncoder().encode('😀')];
@@ -76,8 +72,7 @@ describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
     expect(tok.decode([1, ...ids])).toBe('😀');
   });
 
-  it('decode inverts encode; the space after BOS is stripped as llama2.c does', () => {
-    if (!haveFixtures(TOK512, LLAMA2)) return;
+  it('decode inverts encode; the space after BOS is stripped as llama2.c does', needs(TOK512, LLAMA2), () => {
     for (const path of [TOK512, LLAMA2]) {
       const tok = readLlama2cTokenizer(fixture(path));
       for (const s of samples) expect(tok.decode(tok.encode(s, { bos: true, eos: true }))).toBe(s);
@@ -87,7 +82,6 @@ describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
   });
 
   it('decodeToken prints what llama2.c prints; StreamDecoder reassembles split characters', () => {
-    if (!haveFixtures(TOK512)) return;
     const tok = readLlama2cTokenizer(fixture(TOK512));
     const ids = tok.encode('Once upon a time 😀!', { bos: true });
     let printed = '';
@@ -126,7 +120,6 @@ describe('SentencePiece BPE (llama2.c tokenizer.bin)', () => {
   });
 
   it('rejects truncated or foreign tokenizer files, naming the file', () => {
-    if (!haveFixtures(TOK512)) return;
     const dir = mkdtempSync(join(tmpdir(), 'qalora-tok-'));
     const good = readFileSync(fixture(TOK512));
     const cut = join(dir, 'cut.bin');

@@ -31,17 +31,28 @@ export function shakespeareSlice(dir: string, bytes = 40_000): string {
   return p;
 }
 
-export async function trainStories(steps = 12, opts: { resume?: boolean; dir?: string; stopAfter?: number; seed?: number } = {}): Promise<TrainedStories> {
+/** specs/stories260k.qal, or (text) a variant of it, e.g. with `pool sum` (written beside the run, own addon). */
+export function storiesSpec(dir?: string, edit?: (text: string) => string): ResolvedSpec {
+  const quiet = { write: () => true } as unknown as NodeJS.WritableStream;
+  const file = join(repoRoot, 'specs/stories260k.qal');
+  if (!edit) return loadSpecOrFail(file, quiet);
+  const variant = join(dir!, 'variant.qal');
+  writeFileSync(variant, edit(readFileSync(file, 'utf8')));
+  return loadSpecOrFail(variant, quiet);
+}
+
+export async function trainStories(steps = 12, opts: { resume?: boolean; dir?: string; stopAfter?: number; seed?: number; spec?: ResolvedSpec } = {}): Promise<TrainedStories> {
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), 'qalora-stories-'));
   mkdirSync(dir, { recursive: true });
-  const spec = loadSpecOrFail(join(repoRoot, 'specs/stories260k.qal'), { write: () => true } as unknown as NodeJS.WritableStream);
+  const spec = opts.spec ?? storiesSpec();
+  const layers = spec.layers.filter((l) => l.projection);
   const { model, tokenizer } = await openForRun({ model: fixture(STORIES), tokenizer: fixture(TOK), spec, backend: 'cpu', seed: opts.seed ?? 1 });
   const dataFile = shakespeareSlice(dir);
   const data = prepareData(dataFile, dataTokenizerFor(tokenizer, fixture(TOK)), 64, 0.1);
   let n = 0;
   const result = await train({
     model, train: data.split.train, val: data.split.val, outDir: join(dir, 'run'),
-    adapterInfo: { kind: 'qalora', groups: { q: 32, k: 32, v: 32, o: 32, gate: 32, up: 32, down: 43 }, pool: 'mean', dropout: 0.05, bits: 4 },
+    adapterInfo: { kind: 'qalora', groups: Object.fromEntries(layers.map((l) => [l.projection!, l.group])), pool: layers[0].pool, dropout: 0.05, bits: 4 },
     lr: 3e-3, schedule: 'constant', warmup: 0, batchSize: 4, gradAccum: 1, totalSteps: steps, evalEvery: 0, evalWindows: 4,
     saveEvery: 0, seed: opts.seed ?? 1, maxGradNorm: 0.3, weightDecay: 0, resume: opts.resume ?? false, quiet: true, plot: false,
     handleSigint: false, shouldStop: opts.stopAfter ? () => ++n >= opts.stopAfter! : undefined,

@@ -9,7 +9,7 @@ import type { Pool } from '../../dsl/resolved.ts';
 import { PROJECTIONS } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
 import type { Adapter, AdapterSet, LlamaConfig, ProjectionName } from '../model/types.ts';
-import { asF32, readSafetensors, tensorOf, writeFileAtomic, writeSafetensors, type SafeTensor } from '../safetensors.ts';
+import { asF32, f32To16, readSafetensors, tensorOf, writeFileAtomic, writeSafetensors, type SafeTensor } from '../safetensors.ts';
 
 export const CONFIG_FILE = 'adapter_config.json';
 export const WEIGHTS_FILE = 'adapter_model.safetensors';
@@ -62,10 +62,14 @@ function commonAndPattern(values: Map<ProjectionName, number>): { common: number
   return { common, pattern };
 }
 
-/** Writes an adapter directory atomically (files renamed into place; the directory is created if needed). */
-export function savePeftAdapter(dir: string, adapters: AdapterSet, info: AdapterInfo, extra: Record<string, unknown> = {}): void {
+/**
+ * Writes an adapter directory atomically (files renamed into place; the directory is created if needed), its
+ * tensors in F32 or rounded to F16/BF16 (what engines serving fp16 models load).
+ */
+export function savePeftAdapter(dir: string, adapters: AdapterSet, info: AdapterInfo, extra: Record<string, unknown> = {}, dtype: 'F32' | 'F16' | 'BF16' = 'F32'): void {
   mkdirSync(dir, { recursive: true });
   const tensors = new Map<string, SafeTensor>();
+  const tensor = (shape: number[], data: Float32Array) => (dtype === 'F32' ? tensorOf('F32', shape, data) : f32To16(dtype, shape, data));
   const ranks = new Map<ProjectionName, number>(), alphas = new Map<ProjectionName, number>();
   adapters.forEach((block, i) => {
     for (const p of PROJECTIONS) {
@@ -74,8 +78,8 @@ export function savePeftAdapter(dir: string, adapters: AdapterSet, info: Adapter
       const cols = ad.a.length / ad.rank;
       const out = ad.b.length / ad.rank;
       if (!Number.isInteger(cols) || !Number.isInteger(out)) throw new QaloraError(`adapter layers.${i}.${p}: A/B sizes ${ad.a.length}/${ad.b.length} are not multiples of rank ${ad.rank}`);
-      tensors.set(peftKey(i, p, 'A'), tensorOf('F32', [ad.rank, cols], ad.a));
-      tensors.set(peftKey(i, p, 'B'), tensorOf('F32', [out, ad.rank], ad.b));
+      tensors.set(peftKey(i, p, 'A'), tensor([ad.rank, cols], ad.a));
+      tensors.set(peftKey(i, p, 'B'), tensor([out, ad.rank], ad.b));
       if (ranks.has(p) && (ranks.get(p) !== ad.rank || alphas.get(p) !== ad.alpha)) {
         throw new QaloraError(`adapter ${p}_proj: rank/alpha differ between blocks, which PEFT's config cannot express`);
       }

@@ -4,9 +4,9 @@
 // after, and sample from the merged INT4 model.
 import type { Command } from 'commander';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { loadSpecOrFail } from '../../compiler/spec-file.ts';
+import { demoAssets } from '../assets.ts';
 import { QaloraError } from '../errors.ts';
 import { LlamaModel } from '../model/llama.ts';
 import { sparkline } from '../progress.ts';
@@ -16,9 +16,6 @@ import { evaluateWindows } from '../train/evaluate.ts';
 import { dataTokenizerFor, openForRun, prepareData, tokenizerSource } from '../train/setup.ts';
 import { train } from '../train/trainer.ts';
 import { mergeModel, saveMerged } from './merge.ts';
-
-const repo = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const shared = process.env.QALORA_FIXTURES ?? resolve(repo, '..', 'shared');
 
 export interface DemoOptions {
   model: string;
@@ -56,7 +53,7 @@ export interface DemoResult {
 export async function runDemo(o: DemoOptions): Promise<DemoResult> {
   const t0 = performance.now();
   const say = o.write;
-  for (const p of [o.model, o.data, o.spec]) if (!existsSync(p)) throw new QaloraError(`${p}: not found (the demo reads ../shared; pass --model/--data/--spec)`);
+  for (const p of [o.model, o.data, o.spec]) if (!existsSync(p)) throw new QaloraError(`${p}: not found (pass --model/--data/--spec to use your own files)`);
   mkdirSync(o.out, { recursive: true });
   // A slice of the data, cut at a line break, so tokenization and training stay short.
   const text = readFileSync(o.data, 'utf8');
@@ -135,10 +132,10 @@ export function register(program: Command): void {
   program
     .command('demo')
     .description('end to end in a few minutes: quantize stories260K to INT4, fine-tune QA-LoRA on Shakespeare, merge, evaluate, sample')
-    .option('--model <path>', 'base model', join(shared, 'models/stories260K/stories260K.bin'))
+    .option('--model <path>', 'base model', demoAssets.model)
     .option('--tokenizer <path>', 'tokenizer file (default: found with the model)')
-    .option('--spec <file>', 'QA-LoRA spec', join(repo, 'specs/stories260k.qal'))
-    .option('--data <file>', 'fine-tuning text', join(shared, 'data/shakespeare/tinyshakespeare.txt'))
+    .option('--spec <file>', 'QA-LoRA spec', demoAssets.spec)
+    .option('--data <file>', 'fine-tuning text', demoAssets.data)
     .option('--data-chars <n>', 'use the first n characters of the data', '300000')
     .option('--out <dir>', 'where the run, merged model and plots go', 'runs/demo')
     .option('--steps <n>', 'training steps', '200')

@@ -7,6 +7,8 @@ import { Progress } from '../progress.ts';
 import { evaluateWindows, type EvalResult } from '../train/evaluate.ts';
 import { dataTokenizerFor, defaultSeqLen, openForRun, prepareData, tokenizerSource } from '../train/setup.ts';
 import type { Tokenizer } from '../tokenizer/types.ts';
+import { requantizeOption } from './options.ts';
+import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 export interface EvalOptions {
   data: string;
@@ -53,14 +55,16 @@ export function register(program: Command): void {
     .option('--format <name>', 'force the data format: text | jsonl-text | alpaca | chat')
     .option('--separator <s>', 'document separator in plain text')
     .option('--backend <name>', 'cpu (default) | cuda | emu', 'cpu')
+    .addOption(requantizeOption())
     .option('--quiet', 'no progress bar')
     .action(async (o: Record<string, string | boolean | undefined>) => {
       const int = (k: string) => (o[k] === undefined ? undefined : Number(o[k]));
       if (o.split !== 'all' && o.split !== 'val') throw new QaloraError(`--split must be all or val, got ${o.split}`);
       const opened = await openForRun({
         model: o.model as string, tokenizer: o.tokenizer as string | undefined, spec: o.spec as string | undefined,
-        adapter: o.adapter as string | undefined, backend: o.backend as 'cpu',
+        adapter: o.adapter as string | undefined, backend: o.backend as 'cpu', requantize: Boolean(o.requantize), inferred: { rank: 0 },
       });
+      announceImpliedSpec(opened.impliedSpec);
       const r = evaluateFile(opened.model, opened.tokenizer, tokenizerSource(o.model as string, o.tokenizer as string | undefined), {
         data: o.data as string, seqLen: int('seqLen'), batchSize: int('batchSize'), split: o.split as 'all' | 'val',
         valFraction: Number(o.valFraction), maxWindows: int('maxWindows'), format: o.format as undefined, separator: o.separator as string | undefined,
@@ -70,5 +74,6 @@ export function register(program: Command): void {
         `cross-entropy ${r.loss.toFixed(4)} nats/token, perplexity ${r.perplexity.toFixed(3)} over ${r.tokens} tokens ` +
           `(${r.windows} windows) at ${Math.round(r.tokensPerSecond)} tokens/s\n`,
       );
+      reportPeakMemory();
     });
 }

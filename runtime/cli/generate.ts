@@ -5,6 +5,8 @@ import { QaloraError } from '../errors.ts';
 import { generate } from '../model/generate.ts';
 import { openModel } from '../model/open.ts';
 import type { BackendName } from '../model/types.ts';
+import { requantizeOption } from './options.ts';
+import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 interface GenerateFlags {
   model: string;
@@ -21,6 +23,7 @@ interface GenerateFlags {
   seed?: string;
   backend: BackendName;
   quantize: 'rtn' | 'gptq';
+  requantize?: boolean;
 }
 
 export function number(flag: string, text: string, integer = false): number {
@@ -49,10 +52,15 @@ export function register(program: Command): void {
     .option('-s, --seed <s>', 'random seed (default: time)')
     .addOption(new Option('--backend <name>', 'kernels for the QA-LoRA layers').choices(['cpu', 'cuda', 'emu']).default('cpu'))
     .addOption(new Option('--quantize <method>', 'how float layers are quantized into the spec').choices(['rtn', 'gptq']).default('rtn'))
+    .addOption(requantizeOption())
     .action(async (o: GenerateFlags) => {
       if (o.steps !== undefined && o.maxTokens !== undefined) throw new QaloraError('give -n or --max-tokens, not both');
       if (o.quantize === 'gptq') throw new QaloraError('generate quantizes with rtn; make a GPTQ base once with `qalora quantize --method gptq` and pass it as --model');
-      const { model, tokenizer } = await openModel({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, adapter: o.adapter, backend: o.backend, quantize: o.quantize });
+      const { model, tokenizer, impliedSpec } = await openModel({
+        model: o.model, tokenizer: o.tokenizer, spec: o.spec, adapter: o.adapter, backend: o.backend, quantize: o.quantize,
+        requantize: o.requantize, inferred: { rank: 0 },
+      });
+      announceImpliedSpec(impliedSpec);
       const out = process.stdout;
       const r = generate(model, tokenizer, {
         prompt: o.prompt,
@@ -71,5 +79,6 @@ export function register(program: Command): void {
         `prefill: ${r.promptTokens} tokens, ${rate(r.promptTokens, r.prefillSeconds)} tok/s; ` +
           `decode: ${r.newTokens} tokens, ${rate(r.newTokens, r.decodeSeconds)} tok/s (${o.backend}, ${model.spec ? 'quantized' : 'float'})\n`,
       );
+      reportPeakMemory();
     });
 }

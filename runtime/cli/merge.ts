@@ -10,6 +10,9 @@ import type { LlamaModel } from '../model/llama.ts';
 import type { AdapterSet, LlamaWeights } from '../model/types.ts';
 import { loadNativeOps } from '../model/native-ops.ts';
 import { META_SPEC, META_TOKENIZER, openForRun, tokenizerSource } from '../train/setup.ts';
+import { requantizeOption } from './options.ts';
+import { announceImpliedSpec, reportPeakMemory } from './report.ts';
+import { detectFormat } from '../formats/load.ts';
 
 /** Merges a model's adapters with its spec's native merge kernels. */
 export async function mergeModel(model: LlamaModel, adapters: AdapterSet = model.adapters): Promise<{ weights: LlamaWeights; report: MergeReport }> {
@@ -34,18 +37,23 @@ export function register(program: Command): void {
     .option('--spec <file>', 'the spec the adapter was trained with')
     .option('--tokenizer <path>', 'tokenizer file, when not found with the model')
     .option('--backend <name>', 'cpu (default) | cuda | emu', 'cpu')
-    .action(async (o: { model: string; adapter: string; out: string; spec?: string; tokenizer?: string; backend: 'cpu' }) => {
+    .addOption(requantizeOption())
+    .action(async (o: { model: string; adapter: string; out: string; spec?: string; tokenizer?: string; backend: 'cpu'; requantize?: boolean }) => {
       if (!o.out.endsWith('.safetensors')) throw new QaloraError(`--out ${o.out}: the merged model is a .safetensors file`);
-      const opened = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend });
+      const opened = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, requantize: o.requantize, inferred: { rank: 0 } });
+      announceImpliedSpec(opened.impliedSpec);
       const info = loadPeftAdapter(o.adapter, { model: opened.model.config });
       if (info.kind !== 'qalora') throw new QaloraError(`${o.adapter}: a plain LoRA adapter cannot merge into an INT-b base without re-quantizing; merge it into a float model instead`);
       const t0 = performance.now();
       const { weights, report } = await mergeModel(opened.model, info.adapters);
+      // The merged file records where its tokenizer is: a tokenizer file, or the GGUF model that carries one.
       const src = tokenizerSource(o.model, o.tokenizer);
-      saveMerged(o.out, weights, opened.model, src && src !== o.model ? src : o.tokenizer, { merged_adapter: resolve(o.adapter) });
+      const carriesTokenizer = src === o.model && detectFormat(o.model) === 'gguf';
+      saveMerged(o.out, weights, opened.model, src && (src !== o.model || carriesTokenizer) ? src : o.tokenizer, { merged_adapter: resolve(o.adapter) });
       process.stdout.write(
         `merged ${report.quant} QA-LoRA layers in ${((performance.now() - t0) / 1000).toFixed(2)} s (largest offset change ${report.maxShift.toExponential(3)}); ` +
           `q and α unchanged → ${o.out}\n`,
       );
+      reportPeakMemory();
     });
 }

@@ -5,6 +5,7 @@ import { QaloraError } from '../errors.ts';
 import type { BackendName } from '../model/types.ts';
 import { createQaloraServer } from '../serve/load.ts';
 import { number } from './generate.ts';
+import { reportPeakMemory } from './report.ts';
 
 interface ServeFlags {
   model: string;
@@ -30,7 +31,7 @@ export function register(program: Command): void {
     .requiredOption('-m, --model <path>', 'merged model (qalora .safetensors), or any checkpoint `generate` reads')
     .option('-z, --tokenizer <path>', 'tokenizer file (default: the one in, beside or recorded with the model)')
     .option('--spec <file>', 'QA-LoRA spec: run the quantized base (needed for --lora unless the model records it)')
-    .option('--lora <name=dir>', 'serve an adapter (PEFT directory) under this model name, unmerged; repeatable', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--lora <name=dir>', 'serve an adapter under this model name, unmerged: QA-LoRA (PEFT directory) or plain LoRA (PEFT directory or llama.cpp LoRA GGUF, folded onto the QA-LoRA layers); repeatable', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--model-name <name>', 'name of the model as loaded in `model` (default: the file name without extension)')
     .option('--chat-template <file>', 'Jinja chat template (default: the model\'s own, else messages joined by newlines)')
     .option('--host <addr>', 'address to bind', '127.0.0.1')
@@ -67,6 +68,7 @@ export function register(program: Command): void {
       const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
       process.stdout.write(`qalora serve: listening on http://${host}:${addr.port}/v1 (models: ${names}; chat template: ${server.opts.chatTemplate.source}` +
         `${apiKey ? '; API key required' : ''})\n`);
+      reportPeakMemory(); // after loading: what the model costs before any request
       await new Promise<void>((resolve) => {
         let stopping = false;
         const stop = (signal: string) => {

@@ -7,14 +7,19 @@ import { QaloraError } from '../errors.ts';
 import { defaultLearningRate, readConfigFile, resolveTrainConfig, type TrainConfig } from '../train/config.ts';
 import { chatTemplateFor, defaultSeqLen, dataTokenizerFor, openForRun, prepareData, tokenizerSource } from '../train/setup.ts';
 import { train, type TrainResult } from '../train/trainer.ts';
+import { dataParallelFromEnv, type DataParallel } from '../train/distributed.ts';
+import { launchRanks } from '../train/launch.ts';
 import { loadSpecOrFail } from '../../compiler/spec-file.ts';
+import { formatBytes } from '../progress.ts';
+import { announceImpliedSpec, peakRssBytes } from './report.ts';
+import { requantizeOption } from './options.ts';
 
 const FLAG_KEYS: Record<string, keyof TrainConfig> = {
   model: 'model', tokenizer: 'tokenizer', spec: 'spec', data: 'data', format: 'format', separator: 'separator', chatTemplate: 'chatTemplate', out: 'out',
   lr: 'lr', schedule: 'schedule', warmup: 'warmup', batchSize: 'batchSize', gradAccum: 'gradAccum', maxSteps: 'maxSteps',
   epochs: 'epochs', seqLen: 'seqLen', valFraction: 'valFraction', evalEvery: 'evalEvery', evalWindows: 'evalWindows',
   saveEvery: 'saveEvery', seed: 'seed', maxGradNorm: 'maxGradNorm', weightDecay: 'weightDecay', dropout: 'dropout',
-  backend: 'backend', resume: 'resume', quiet: 'quiet',
+  backend: 'backend', resume: 'resume', quiet: 'quiet', requantize: 'requantize',
 };
 
 export function withDropout(spec: ResolvedSpec, dropout: number | undefined): ResolvedSpec {
@@ -32,11 +37,18 @@ export interface RunSummary {
 }
 
 /** Runs a training job from a resolved configuration (the CLI and the demo share it). */
-export async function runTraining(c: TrainConfig, log: (s: string) => void = (s) => process.stderr.write(s + '\n')): Promise<RunSummary> {
-  if (!c.spec) throw new QaloraError('train needs --spec: the QA-LoRA layers (bits, group, rank) to quantize the base into');
-  const spec = withDropout(loadSpecOrFail(c.spec), c.dropout);
-  const opened = await openForRun({ model: c.model, tokenizer: c.tokenizer, spec, backend: c.backend, seed: c.seed });
+export async function runTraining(c: TrainConfig, log: (s: string) => void = (s) => process.stderr.write(s + '\n'), dp?: DataParallel | null): Promise<RunSummary> {
+  if (dp && !dp.isRoot) log = () => {}; // rank 0 speaks for the job
+  // Without --spec a quantized file (GGUF Q4_0/Q4_1/Q8_0) trains on its own blocks with the default adapter settings.
+  const given = c.spec ? withDropout(loadSpecOrFail(c.spec), c.dropout) : undefined;
+  const opened = await openForRun({
+    model: c.model, tokenizer: c.tokenizer, spec: given, backend: c.backend, seed: c.seed, requantize: c.requantize,
+    inferred: c.dropout === undefined ? undefined : { dropout: c.dropout },
+  });
   const { model, tokenizer } = opened;
+  const spec = model.spec;
+  if (!spec) throw new QaloraError(`${c.model} is a float model: train needs --spec, the QA-LoRA layers (bits, group, rank) to quantize its base into`);
+  announceImpliedSpec(opened.impliedSpec, (s) => log(s.trimEnd()));
   const seqLen = c.seqLen ?? defaultSeqLen(model.config.context);
   const dtok = dataTokenizerFor(tokenizer, tokenizerSource(c.model, c.tokenizer));
   const chat = chatTemplateFor(c.model, c.chatTemplate);
@@ -44,13 +56,13 @@ export async function runTraining(c: TrainConfig, log: (s: string) => void = (s)
     format: c.format, separator: c.separator, chatTemplate: chat.template, bosToken: chat.bos, eosToken: chat.eos,
   });
   const { train: tw, val } = data.split;
-  const perStep = c.batchSize * c.gradAccum;
+  const perStep = c.batchSize * c.gradAccum * (dp?.size ?? 1); // windows per optimizer step, over all ranks
   const totalSteps = c.maxSteps ?? Math.max(1, Math.ceil(((c.epochs ?? 1) * tw.count) / perStep));
   const lr = c.lr ?? defaultLearningRate(model.config.dim);
   log(`data: ${data.examples} examples, ${data.tokens} tokens${data.cached ? ' (cached)' : ''} → ${tw.count} training windows of ${seqLen}` +
     `${val ? `, ${val.count} held out` : ''}; ${totalSteps} steps of ${perStep} windows (${((totalSteps * perStep) / tw.count).toFixed(2)} epochs), lr ${lr}`);
   mkdirSync(c.out, { recursive: true });
-  writeFileSync(join(c.out, 'run.json'), JSON.stringify({ ...c, resume: false, lr, seqLen, maxSteps: totalSteps }, null, 2) + '\n');
+  if (!dp || dp.isRoot) writeFileSync(join(c.out, 'run.json'), JSON.stringify({ ...c, resume: false, lr, seqLen, maxSteps: totalSteps }, null, 2) + '\n');
   const layers = spec.layers.filter((l) => l.rank > 0);
   const result = await train({
     model, train: tw, val, outDir: c.out,
@@ -61,8 +73,9 @@ export async function runTraining(c: TrainConfig, log: (s: string) => void = (s)
     lr, schedule: c.schedule, warmup: c.warmup, batchSize: c.batchSize, gradAccum: c.gradAccum, totalSteps,
     evalEvery: c.evalEvery, evalWindows: c.evalWindows, saveEvery: c.saveEvery, seed: c.seed, maxGradNorm: c.maxGradNorm,
     weightDecay: c.weightDecay, resume: c.resume, quiet: c.quiet,
-    fingerprint: { data: data.cacheKey.replace(/^.*\//, ''), spec: spec.name },
+    fingerprint: { data: data.cacheKey.replace(/^.*\//, ''), spec: spec.name }, dist: dp,
   });
+  log(`peak memory: ${formatBytes(peakRssBytes())} resident`);
   return { result, config: c, lr, totalSteps, trainWindows: tw.count, valWindows: val?.count ?? 0 };
 }
 
@@ -73,7 +86,7 @@ export function register(program: Command): void {
     .option('--config <file>', 'YAML or JSON file with any of these settings (flags override it)')
     .option('--model <path>', 'base model (llama2.c .bin, GGUF, HF directory, GPTQ, or a qalora .safetensors)')
     .option('--tokenizer <path>', 'tokenizer file, when not found with the model')
-    .option('--spec <file>', 'QA-LoRA spec (.qal): bits, group size, rank, alpha, dropout per projection')
+    .option('--spec <file>', 'QA-LoRA spec (.qal): bits, group size, rank, alpha, dropout per projection (default for a GGUF Q4_0/Q4_1/Q8_0 file: its own blocks, rank 64, alpha 16)')
     .option('--data <file>', 'training data: text (split on --separator), JSONL {text}, Alpaca JSON/JSONL, or chat {messages}')
     .option('--format <name>', 'force the data format: text | jsonl-text | alpaca | chat')
     .option('--separator <s>', 'document separator in plain text (default <|endoftext|>)')
@@ -97,8 +110,16 @@ export function register(program: Command): void {
     .option('--weight-decay <x>', 'AdamW weight decay (default 0)')
     .option('--dropout <p>', "override the spec's LoRA dropout")
     .option('--backend <name>', 'cpu (default) | cuda | emu')
+    .addOption(requantizeOption())
     .option('--quiet', 'no progress bar')
+    .option('--nproc <n>', 'data-parallel: start n ranks with mpirun (needs MPI); --batch-size is per rank')
+    .option('--hostfile <file>', "with --nproc: MPI hostfile of the machines to run on (each needs this checkout at the same path)")
     .action(async (o: Record<string, unknown>) => {
+      if (o.nproc !== undefined && Number(o.nproc) !== 1) {
+        process.exitCode = await launchRanks(Number(o.nproc), process.argv.slice(process.argv.indexOf('train') + 1), o.hostfile as string | undefined);
+        return;
+      }
+      const dp = await dataParallelFromEnv();
       const flags: Record<string, unknown> = {};
       for (const [k, v] of Object.entries(o)) if (k in FLAG_KEYS && v !== undefined) flags[FLAG_KEYS[k]] = v;
       let base: Record<string, unknown> = {};
@@ -108,7 +129,9 @@ export function register(program: Command): void {
       else if (flags.resume && !flags.model && !o.config) throw new QaloraError(`--resume: ${flags.out ?? '(no --out)'} is not a training run directory (no run.json); give --out of an earlier run`);
       const file = typeof o.config === 'string' ? readConfigFile(o.config) : {};
       const c = resolveTrainConfig({ ...base, ...file }, flags, typeof o.config === 'string' ? o.config : 'config');
-      const s = await runTraining(c);
+      const s = await runTraining(c, undefined, dp).catch((e) => (dp ? dp.fail(e) : Promise.reject(e)));
+      dp?.finalize();
+      if (dp && !dp.isRoot) return;
       const r = s.result;
       const last = r.evals[r.evals.length - 1];
       process.stdout.write(

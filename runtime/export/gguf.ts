@@ -5,11 +5,14 @@
 // Layers that cannot be blocks (8-bit q, g not a multiple of 32, rows not a multiple of 32) are written as their
 // exact dequantized F32 weights; float models are F32 (or F16 with lossy: true).
 import { QaloraError } from '../errors.ts';
-import { GgmlType, GgufValueType as T, serializeGguf, type GgufWriteKV, type GgufWriteTensor } from '../formats/gguf.ts';
+import { GgmlType, GgufValueType as T, serializeGguf, writeGguf, type GgufWriteKV, type GgufWriteTensor } from '../formats/gguf.ts';
 import { GGUF_PROJECTION } from '../formats/gguf-llama.ts';
-import type { Linear, LlamaWeights, ProjectionName, QuantLinear } from '../model/types.ts';
+import type { Linear, LlamaWeights, ProjectionName, QuantLinear, TokenTable } from '../model/types.ts';
 import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
-import { f16BitsToF32, f32ToF16Bits, writeFileAtomic } from '../safetensors.ts';
+import { denseWeight } from '../model/dense.ts';
+
+export { denseWeight };
+import { f16BitsToF32, f32ToF16Bits } from '../safetensors.ts';
 import { PROJECTIONS } from '../../dsl/resolved.ts';
 
 export interface GgufVocab {
@@ -77,13 +80,30 @@ export interface GgufExportResult {
   maxAbsError: number;
 }
 
-/** Picks Q4_1, Q5_1 or F32 for a quantized layer, with the reason when it cannot be blocks. */
-export function blockTypeFor(lin: QuantLinear): { type: 'Q4_1' | 'Q5_1' | 'F32'; note?: string } {
+export type BlockType = 'Q4_0' | 'Q4_1' | 'Q5_1' | 'Q8_0';
+
+/** True when every α is an fp16 value and β = k·α in every group: the layer came from Q4_0 (k = −8) or Q8_0 (k = −128). */
+function symmetricBlocks(lin: QuantLinear, k: number): boolean {
+  for (let i = 0; i < lin.alpha.length; i++) {
+    const a = lin.alpha[i];
+    if (f16BitsToF32(f32ToF16Bits(a)) !== a || lin.beta[i] !== Math.fround(k * a)) return false;
+  }
+  return true;
+}
+
+/**
+ * The ggml block type that holds a quantized layer exactly when there is one (Q4_0 for a Q4_0 file's untouched
+ * layers, Q8_0 for a Q8_0 file's: their bytes come back unchanged), else Q4_1 or Q5_1 (exact up to the fp16
+ * rounding of d and m), else F32 with the reason it cannot be blocks.
+ */
+export function blockTypeFor(lin: QuantLinear): { type: BlockType | 'F32'; note?: string } {
   const g = lin.settings.group;
   if (lin.in % 32 !== 0) return { type: 'F32', note: `in = ${lin.in} is not a multiple of 32 (GGUF blocks run along rows)` };
   if (g % 32 !== 0) return { type: 'F32', note: `group ${g} is not a multiple of 32, so one (d, m) per 32-block cannot hold it` };
   const qmax = 2 ** lin.settings.bits - 1;
+  if (lin.settings.bits === 4 && symmetricBlocks(lin, -8)) return { type: 'Q4_0' };
   if (qmax <= 15) return { type: 'Q4_1' };
+  if (lin.settings.bits === 8 && symmetricBlocks(lin, -128)) return { type: 'Q8_0' };
   // 8-bit layers fit Q5_1 only if no q exceeds 31.
   let max = 0;
   const wpr = wordsPerRow(lin.in, lin.settings.bits);
@@ -92,12 +112,14 @@ export function blockTypeFor(lin: QuantLinear): { type: 'Q4_1' | 'Q5_1' | 'F32';
   return { type: 'F32', note: `${lin.settings.bits}-bit q values up to ${max} do not fit Q5_1's 5 bits` };
 }
 
-/** Q4_1/Q5_1 blocks of a quantized layer, and the largest error the fp16 d and m introduce. */
-export function encodeBlocks(lin: QuantLinear, type: 'Q4_1' | 'Q5_1'): { data: Uint8Array; maxAbsError: number } {
+const BLOCK_BYTES: Record<BlockType, number> = { Q4_0: 18, Q4_1: 20, Q5_1: 24, Q8_0: 34 };
+
+/** ggml blocks of a quantized layer, and the largest error the fp16 d and m introduce (0 for Q4_0/Q8_0 picked by blockTypeFor). */
+export function encodeBlocks(lin: QuantLinear, type: BlockType): { data: Uint8Array; maxAbsError: number } {
   const { out, in: inF } = lin;
   const { bits, group } = lin.settings;
   const L = inF / group, wpr = wordsPerRow(inF, bits);
-  const bb = type === 'Q4_1' ? 20 : 24;
+  const bb = BLOCK_BYTES[type];
   const blocksPerRow = inF / 32;
   const data = new Uint8Array(out * blocksPerRow * bb);
   const dv = new DataView(data.buffer);
@@ -107,43 +129,39 @@ export function encodeBlocks(lin: QuantLinear, type: 'Q4_1' | 'Q5_1'): { data: U
     for (let blk = 0; blk < blocksPerRow; blk++) {
       const k = Math.floor((blk * 32) / group);
       const alpha = lin.alpha[o * L + k], beta = lin.beta[o * L + k];
-      const dBits = f32ToF16Bits(alpha), mBits = f32ToF16Bits(beta);
-      const d = f16BitsToF32(dBits), m = f16BitsToF32(mBits);
+      const dBits = f32ToF16Bits(alpha), d = f16BitsToF32(dBits);
+      // Q4_0 and Q8_0 have no m: their zero point is the fixed −8d / −128d.
+      const m = type === 'Q4_0' ? Math.fround(-8 * d) : type === 'Q8_0' ? Math.fround(-128 * d) : f16BitsToF32(f32ToF16Bits(beta));
       const off = (o * blocksPerRow + blk) * bb;
       dv.setUint16(off, dBits, true);
-      dv.setUint16(off + 2, mBits, true);
       for (let j = 0; j < 32; j++) {
         q[j] = unpackQ(lin.qweight, o * wpr, blk * 32 + j, bits);
         const err = Math.abs(Math.fround(q[j] * d) + m - (Math.fround(alpha * q[j]) + beta));
         if (err > maxErr) maxErr = err;
       }
-      if (type === 'Q4_1') {
-        for (let j = 0; j < 16; j++) data[off + 4 + j] = q[j] | (q[j + 16] << 4);
-      } else {
-        let qh = 0;
-        for (let j = 0; j < 32; j++) qh |= ((q[j] >> 4) & 1) << j;
-        dv.setUint32(off + 4, qh >>> 0, true);
-        for (let j = 0; j < 16; j++) data[off + 8 + j] = (q[j] & 15) | ((q[j + 16] & 15) << 4);
+      switch (type) {
+        case 'Q4_0':
+          for (let j = 0; j < 16; j++) data[off + 2 + j] = q[j] | (q[j + 16] << 4);
+          break;
+        case 'Q8_0':
+          for (let j = 0; j < 32; j++) data[off + 2 + j] = q[j] ^ 0x80; // i8 = q − 128
+          break;
+        case 'Q4_1':
+          dv.setUint16(off + 2, f32ToF16Bits(beta), true);
+          for (let j = 0; j < 16; j++) data[off + 4 + j] = q[j] | (q[j + 16] << 4);
+          break;
+        case 'Q5_1': {
+          dv.setUint16(off + 2, f32ToF16Bits(beta), true);
+          let qh = 0;
+          for (let j = 0; j < 32; j++) qh |= ((q[j] >> 4) & 1) << j;
+          dv.setUint32(off + 4, qh >>> 0, true);
+          for (let j = 0; j < 16; j++) data[off + 8 + j] = (q[j] & 15) | ((q[j + 16] & 15) << 4);
+          break;
+        }
       }
     }
   }
   return { data, maxAbsError: maxErr };
-}
-
-/** W [out, in] of any linear layer in F32 (quantized layers dequantized exactly as the kernels do: α·q + β). */
-export function denseWeight(lin: Linear): Float32Array {
-  if (lin.kind === 'float') return lin.w;
-  const { out, in: inF } = lin;
-  const { bits, group } = lin.settings;
-  const L = inF / group, wpr = wordsPerRow(inF, bits);
-  const w = new Float32Array(out * inF);
-  for (let o = 0; o < out; o++) {
-    for (let i = 0; i < inF; i++) {
-      const k = Math.floor(i / group);
-      w[o * inF + i] = Math.fround(lin.alpha[o * L + k] * unpackQ(lin.qweight, o * wpr, i, bits)) + lin.beta[o * L + k];
-    }
-  }
-  return w;
 }
 
 function f32Bytes(a: Float32Array): Uint8Array {
@@ -160,7 +178,11 @@ function f16Tensor(a: Float32Array): { data: Uint8Array; maxAbsError: number } {
   return { data: new Uint8Array(h.buffer), maxAbsError: maxErr };
 }
 
-export function buildGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions = {}): GgufExportResult {
+/**
+ * What the file will hold: metadata, and tensors whose converted bytes (F16, blocks, dequantized F32) are made
+ * only when the writer reaches them (read()), each filling in its report's error as it is made.
+ */
+function planGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions): { kvs: GgufWriteKV[]; tensors: GgufWriteTensor[]; reports: TensorReport[] } {
   const c = w.config;
   if (vocab.tokens.length !== c.vocab) throw new QaloraError(`tokenizer has ${vocab.tokens.length} tokens but the model's vocabulary is ${c.vocab}`);
   const floatType = opts.floatType ?? 'f32';
@@ -175,43 +197,50 @@ export function buildGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOpt
   };
   const matrix = (name: string, a: Float32Array, rows: number, cols: number, note?: string) => {
     if (floatType === 'f16') {
-      const r = f16Tensor(a);
-      tensors.push({ name, dims: [cols, rows], type: GgmlType.F16, data: r.data });
-      reports.push({ name, type: 'F16', maxAbsError: r.maxAbsError, note });
+      const report: TensorReport = { name, type: 'F16', maxAbsError: 0, note };
+      reports.push(report);
+      tensors.push({ name, dims: [cols, rows], type: GgmlType.F16, read: () => { const r = f16Tensor(a); report.maxAbsError = r.maxAbsError; return r.data; } });
     } else {
       tensors.push({ name, dims: [cols, rows], type: GgmlType.F32, data: f32Bytes(a) });
       reports.push({ name, type: 'F32', maxAbsError: 0, note });
     }
   };
-  matrix('token_embd.weight', w.tokEmbedding, c.vocab, c.dim);
   let anyQuant = false;
+  const quantMatrix = (name: string, lin: QuantLinear) => {
+    const choice = blockTypeFor(lin);
+    if (choice.type === 'F32') {
+      // The exact dequantized weight: larger, but no error.
+      tensors.push({ name, dims: [lin.in, lin.out], type: GgmlType.F32, read: () => f32Bytes(denseWeight(lin)) });
+      reports.push({ name, type: 'F32', maxAbsError: 0, note: choice.note });
+      return;
+    }
+    anyQuant = true;
+    const report: TensorReport = { name, type: choice.type, maxAbsError: 0 };
+    reports.push(report);
+    const type = choice.type;
+    tensors.push({ name, dims: [lin.in, lin.out], type: GgmlType[type], read: () => { const enc = encodeBlocks(lin, type); report.maxAbsError = enc.maxAbsError; return enc.data; } });
+  };
+  const table = (name: string, t: TokenTable) => (t instanceof Float32Array ? matrix(name, t, c.vocab, c.dim) : quantMatrix(name, t));
+  table('token_embd.weight', w.tokEmbedding);
   w.blocks.forEach((b, l) => {
     vec(`blk.${l}.attn_norm.weight`, b.attnNorm);
     vec(`blk.${l}.ffn_norm.weight`, b.ffnNorm);
     for (const p of PROJECTIONS as readonly ProjectionName[]) {
       const lin = b.proj[p];
       const name = `blk.${l}.${GGUF_PROJECTION[p]}.weight`;
-      if (lin.kind === 'float') {
-        matrix(name, lin.w, lin.out, lin.in);
-        continue;
-      }
-      const choice = blockTypeFor(lin);
-      if (choice.type === 'F32') {
-        // The exact dequantized weight: larger, but no error.
-        tensors.push({ name, dims: [lin.in, lin.out], type: GgmlType.F32, data: f32Bytes(denseWeight(lin)) });
-        reports.push({ name, type: 'F32', maxAbsError: 0, note: choice.note });
-        continue;
-      }
-      anyQuant = true;
-      const enc = encodeBlocks(lin, choice.type);
-      tensors.push({ name, dims: [lin.in, lin.out], type: GgmlType[choice.type], data: enc.data });
-      reports.push({ name, type: choice.type, maxAbsError: enc.maxAbsError });
+      if (lin.kind === 'float') matrix(name, lin.w, lin.out, lin.in);
+      else quantMatrix(name, lin);
     }
   });
   vec('output_norm.weight', w.finalNorm);
-  if (!c.tiedClassifier && w.classifier !== w.tokEmbedding) matrix('output.weight', w.classifier, c.vocab, c.dim);
+  if (!c.tiedClassifier && w.classifier !== w.tokEmbedding) table('output.weight', w.classifier);
 
-  const fileType = anyQuant ? (reports.some((r) => r.type === 'Q4_1') ? 3 : 9) : floatType === 'f16' ? 1 : 0;
+  // llama.cpp's LLAMA_FTYPE_MOSTLY_*: the block type most tensors use.
+  const FTYPE: Record<BlockType, number> = { Q4_0: 2, Q4_1: 3, Q8_0: 7, Q5_1: 9 };
+  const counts = new Map<BlockType, number>();
+  for (const r of reports) if (r.type in FTYPE) counts.set(r.type as BlockType, (counts.get(r.type as BlockType) ?? 0) + 1);
+  const mostly = [...counts].sort((a, b) => b[1] - a[1])[0]?.[0];
+  const fileType = anyQuant && mostly ? FTYPE[mostly] : floatType === 'f16' ? 1 : 0;
   const kvs: GgufWriteKV[] = [
     ['general.architecture', T.STRING, 'llama'],
     ['general.name', T.STRING, opts.name ?? 'qalora-export'],
@@ -239,18 +268,22 @@ export function buildGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOpt
   if (vocab.unk !== undefined) kvs.push(['tokenizer.ggml.unknown_token_id', T.U32, vocab.unk]);
   if (anyQuant) kvs.push(['general.quantization_version', T.U32, 2]);
   kvs.push(...(opts.extra ?? []));
-  const chunks = serializeGguf(kvs, tensors, 3, 32);
-  return {
-    chunks,
-    bytes: chunks.reduce((a, ch) => a + ch.byteLength, 0),
-    tensors: reports,
-    maxAbsError: reports.reduce((a, r) => Math.max(a, r.maxAbsError), 0),
-  };
+  return { kvs, tensors, reports };
 }
 
-export function writeGgufModel(path: string, w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions = {}): GgufExportResult {
-  const r = buildGguf(w, vocab, opts);
-  writeFileAtomic(path, r.chunks);
-  return r;
+const maxError = (reports: TensorReport[]) => reports.reduce((a, r) => Math.max(a, r.maxAbsError), 0);
+
+/** The GGUF file in memory (tests; writeGgufModel streams instead). */
+export function buildGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions = {}): GgufExportResult {
+  const { kvs, tensors, reports } = planGguf(w, vocab, opts);
+  const chunks = serializeGguf(kvs, tensors, 3, 32);
+  return { chunks, bytes: chunks.reduce((a, ch) => a + ch.byteLength, 0), tensors: reports, maxAbsError: maxError(reports) };
+}
+
+/** Writes the GGUF file one tensor at a time (atomically): peak memory is the model plus its largest converted tensor. */
+export function writeGgufModel(path: string, w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions = {}): Omit<GgufExportResult, 'chunks'> {
+  const { kvs, tensors, reports } = planGguf(w, vocab, opts);
+  const bytes = writeGguf(path, kvs, tensors, 3, 32);
+  return { bytes, tensors: reports, maxAbsError: maxError(reports) };
 }
 

@@ -1,13 +1,11 @@
 // A GGUF file as a LLaMA: config from llama.* metadata, tensors by their llama.cpp names (q/k already in the
 // Meta layout), and the SentencePiece vocabulary from tokenizer.ggml.*.
-import type { QaloraSettings } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
-import type { BlockWeights, LlamaConfig, LlamaWeights, Linear, ProjectionName, QuantLinear } from '../model/types.ts';
-import { packQ, wordsPerRow } from '../reference/numeric.ts';
-import { f16BitsToF32 } from '../safetensors.ts';
+import type { BlockWeights, FileLinear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName, TokenTable } from '../model/types.ts';
 import { SentencePieceBpe } from '../tokenizer/sentencepiece.ts';
-import { GgmlType } from './ggml-types.ts';
-import { type GgufFile, type GgufTensor, ggufGet, ggufNumber, ggufTensorF32 } from './gguf.ts';
+import { blocksToQuantLinear, EXACT_BLOCK_TYPES } from './ggml-blocks.ts';
+import { ggmlTypeName } from './ggml-types.ts';
+import { type GgufFile, ggufGet, ggufNumber, ggufTensorF32 } from './gguf.ts';
 
 /** GGUF tensor name suffix of each projection in blk.N. */
 export const GGUF_PROJECTION: Record<ProjectionName, string> = {
@@ -50,86 +48,62 @@ export function ggufLlamaConfig(f: GgufFile): LlamaConfig {
   return config;
 }
 
-function sameBytes(a: Float32Array, b: Float32Array): boolean {
-  return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+/**
+ * A GGUF tensor as a loader's projection: nothing is read until the model is prepared. Q4_0, Q4_1 and Q8_0
+ * offer their blocks as a QA-LoRA base exactly (ggml-blocks.ts); every type can be read as fp32.
+ */
+export function ggufLinear(f: GgufFile, name: string, out: number, inF: number): FileLinear {
+  const t = f.tensors.get(name);
+  if (!t) throw new QaloraError(`${f.path}: missing tensor '${name}' (expected dims [${inF},${out}])`);
+  if (t.dims.length !== 2 || t.dims[0] !== inF || t.dims[1] !== out) {
+    throw new QaloraError(`${f.path}: tensor '${name}' has dims [${t.dims}], expected [${inF},${out}]`);
+  }
+  const exact = EXACT_BLOCK_TYPES.get(t.type);
+  return {
+    kind: 'file', out, in: inF, fileType: ggmlTypeName(t.type), source: `${f.path}: tensor '${name}'`,
+    readFloat: () => ggufTensorF32(f, name, [inF, out]),
+    quant: exact && inF % 32 === 0
+      ? { bits: exact.bits, group: 32, read: (settings) => blocksToQuantLinear(t.type, t.read(), out, inF, settings)! }
+      : undefined,
+  };
 }
 
-export interface GgufLlamaOptions {
-  /**
-   * 'dequantize' (default): every projection becomes a FloatLinear. 'keep': Q4_0, Q4_1 and Q8_0 projections
-   * become QuantLinear layers (4 or 8 bits, group 32) holding exactly the file's values, not re-quantized.
-   */
-  quantized?: 'dequantize' | 'keep';
-  /** Adapter settings of kept QuantLinear layers (bits and group come from the file). */
-  settings?: Partial<QaloraSettings>;
+/** The embedding or classifier in the file's blocks when they are exact (rank 0: no adapter), else fp32. */
+function ggufTable(f: GgufFile, name: string, vocab: number, dim: number): TokenTable {
+  const lin = ggufLinear(f, name, vocab, dim);
+  return lin.quant ? lin.quant.read({ rank: 0, alpha: 0, dropout: 0 }) : lin.readFloat();
 }
 
 /**
- * A Q4_0 / Q4_1 / Q8_0 tensor [out, in] as our (q, α, β) with group 32, exactly: Q4_1 is α = d, β = m;
- * Q4_0 ((q − 8)·d) is α = d, β = −8d; Q8_0 (i8·d) is q + 128 with α = d, β = −128d (all products exact in fp32).
- * Null for other types.
+ * The model in a GGUF file. Projections stay in the file (FileLinear: prepareWeights decides whether to keep
+ * the blocks or read floats); norms are read now; the embedding and the classifier are kept in their blocks
+ * when those are exact (Q4_0/Q4_1/Q8_0), else read as fp32.
  */
-export function ggmlToQuantLinear(t: GgufTensor, settings: Partial<QaloraSettings> = {}): QuantLinear | null {
-  const kind = t.type === GgmlType.Q4_0 ? 'q4_0' : t.type === GgmlType.Q4_1 ? 'q4_1' : t.type === GgmlType.Q8_0 ? 'q8_0' : null;
-  if (!kind || t.dims.length !== 2) return null;
-  const [inF, out] = t.dims;
-  const bits = kind === 'q8_0' ? 8 : 4;
-  const L = inF / 32, wpr = wordsPerRow(inF, bits);
-  const bb = kind === 'q4_0' ? 18 : kind === 'q4_1' ? 20 : 34;
-  const dv = new DataView(t.data.buffer, t.data.byteOffset, t.data.byteLength);
-  const qweight = new Uint32Array(out * wpr);
-  const alpha = new Float32Array(out * L);
-  const beta = new Float32Array(out * L);
-  for (let o = 0; o < out; o++) {
-    for (let k = 0; k < L; k++) {
-      const base = (o * L + k) * bb;
-      const d = f16BitsToF32(dv.getUint16(base, true));
-      alpha[o * L + k] = d;
-      if (kind === 'q8_0') {
-        beta[o * L + k] = -128 * d;
-        for (let j = 0; j < 32; j++) packQ(qweight, o * wpr, k * 32 + j, 8, dv.getInt8(base + 2 + j) + 128);
-        continue;
-      }
-      beta[o * L + k] = kind === 'q4_1' ? f16BitsToF32(dv.getUint16(base + 2, true)) : -8 * d;
-      const qs = base + (kind === 'q4_1' ? 4 : 2);
-      for (let j = 0; j < 16; j++) {
-        const byte = t.data[qs + j];
-        packQ(qweight, o * wpr, k * 32 + j, 4, byte & 15);
-        packQ(qweight, o * wpr, k * 32 + j + 16, 4, byte >> 4);
-      }
-    }
-  }
-  const full: QaloraSettings = { rank: 0, alpha: 0, dropout: 0, pool: 'mean', dtype: 'fp32', ...settings, bits, group: 32 };
-  return { kind: 'quant', out, in: inF, settings: full, qweight, alpha, beta };
-}
-
-export function ggufToLlama(f: GgufFile, opts: GgufLlamaOptions = {}): LlamaWeights {
+export function ggufToLlama(f: GgufFile): LlamaWeights<LoadedLinear> {
   const config = ggufLlamaConfig(f);
   const { dim, hidden, layers, heads, kvHeads, vocab } = config;
   const kvDim = (dim / heads) * kvHeads;
   const get = (name: string, dims: number[]) => ggufTensorF32(f, name, dims);
-  const tokEmbedding = get('token_embd.weight', [dim, vocab]);
+  const tokEmbedding = ggufTable(f, 'token_embd.weight', vocab, dim);
   const shapes: Record<ProjectionName, [number, number]> = {
     q: [dim, dim], k: [kvDim, dim], v: [kvDim, dim], o: [dim, dim], gate: [hidden, dim], up: [hidden, dim], down: [dim, hidden],
   };
-  const blocks: BlockWeights[] = [];
+  const blocks: BlockWeights<LoadedLinear>[] = [];
   for (let l = 0; l < layers; l++) {
-    const proj = {} as Record<ProjectionName, Linear>;
+    const proj = {} as Record<ProjectionName, LoadedLinear>;
     for (const p of Object.keys(shapes) as ProjectionName[]) {
       const [out, inp] = shapes[p];
-      const name = `blk.${l}.${GGUF_PROJECTION[p]}.weight`;
-      const t = f.tensors.get(name);
-      const kept = opts.quantized === 'keep' && t && t.dims.join() === `${inp},${out}` ? ggmlToQuantLinear(t, opts.settings) : null;
-      proj[p] = kept ?? { kind: 'float', out, in: inp, w: get(name, [inp, out]) };
+      proj[p] = ggufLinear(f, `blk.${l}.${GGUF_PROJECTION[p]}.weight`, out, inp);
     }
     blocks.push({ attnNorm: get(`blk.${l}.attn_norm.weight`, [dim]), ffnNorm: get(`blk.${l}.ffn_norm.weight`, [dim]), proj });
   }
   const finalNorm = get('output_norm.weight', [dim]);
-  // No output.weight, or one identical to the embedding (converters copy a tied one): share the array.
+  // No output.weight, or one whose bytes equal the embedding's (converters copy a tied one): share the table.
   let classifier = tokEmbedding;
-  if (f.tensors.has('output.weight')) {
-    const out = get('output.weight', [dim, vocab]);
-    if (!sameBytes(out, tokEmbedding)) classifier = out;
+  const out = f.tensors.get('output.weight');
+  const emb = f.tensors.get('token_embd.weight')!;
+  if (out && !(out.type === emb.type && Buffer.from(out.read()).equals(Buffer.from(emb.read())))) {
+    classifier = ggufTable(f, 'output.weight', vocab, dim);
   }
   config.tiedClassifier = classifier === tokEmbedding;
   return { config, tokEmbedding, blocks, finalNorm, classifier };

@@ -1,7 +1,9 @@
 // GGUF v1 (u32 counts, string lengths and dims), v2 and v3 (u64): header, metadata KVs, tensor infos, aligned
-// data. Tensors keep their raw bytes (quantized blocks stay accessible); dequantize on demand.
-import { readFileSync } from 'node:fs';
+// data. The header is read incrementally (its vocabulary can be tens of MB) and tensors are read when asked
+// for (read()), each range checked against the file size first, so files of any size open in little memory.
+// Tensors keep their raw bytes (quantized blocks stay accessible); dequantize on demand.
 import { QaloraError } from '../errors.ts';
+import { BufferSource, type ByteSource, checkRange, withFile, writeFileAtomic } from './file.ts';
 import { dequantize, ggmlBytes, GgmlType, ggmlTypeName } from './ggml-types.ts';
 
 export const GGUF_MAGIC = 0x46554747; // "GGUF" read as u32 LE
@@ -29,8 +31,12 @@ export interface GgufTensor {
   type: number;
   /** Offset relative to the data section. */
   offset: number;
-  /** Raw bytes (blocks as stored). */
-  data: Uint8Array;
+  /** Absolute offset of the first byte in the file. */
+  fileOffset: number;
+  /** Bytes of data (0 for a type this reader cannot size: reading its values reports the type). */
+  byteLength: number;
+  /** The raw bytes (blocks as stored): read from the file on every call (no cache), a view for a buffer. */
+  read(): Uint8Array;
 }
 
 export interface GgufFile {
@@ -39,23 +45,49 @@ export interface GgufFile {
   alignment: number;
   metadata: Map<string, GgufKV>;
   tensors: Map<string, GgufTensor>;
+  /** Releases the file (tensors can no longer be read); a no-op for a buffer. */
+  close(): void;
 }
 
+/** Element sizes of the fixed-size value types (0: not fixed). */
+const SCALAR_BYTES = [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8];
+
+/**
+ * Reads the header sequentially through a window of the source: a chunk at a time from a file (refilled when a
+ * value runs past it), the whole buffer in memory.
+ */
 class Reader {
-  private readonly dv: DataView;
+  private win: Uint8Array = new Uint8Array(0);
+  private winStart = 0;
+  private dv = new DataView(this.win.buffer);
   o = 0;
-  constructor(private readonly buf: Uint8Array, private readonly path: string, private readonly wide: boolean) {
-    this.dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  }
+  /** Counts and lengths are u64 (v2, v3) rather than u32 (v1). */
+  wide = true;
+  constructor(private readonly src: ByteSource) {}
+  private get path(): string { return this.src.path; }
+  /** Makes [o, o + n) readable at this.at(); throws naming `what` when the file ends first. */
   need(n: number, what: string): void {
-    if (this.o + n > this.buf.byteLength) {
-      throw new QaloraError(`${this.path}: truncated GGUF while reading ${what} (needs ${n} bytes at offset ${this.o}, file has ${this.buf.byteLength})`);
+    const size = this.src.size;
+    if (!(this.o + n <= size)) {
+      throw new QaloraError(`${this.path}: truncated GGUF while reading ${what} (needs ${n} bytes at offset ${this.o}, file has ${size})`);
+    }
+    if (this.o >= this.winStart && this.o + n <= this.winStart + this.win.byteLength) return;
+    const len = Math.min(size - this.o, Math.max(n, this.src.chunk));
+    this.win = this.src.bytes(this.o, len, `${this.path}: GGUF header`);
+    this.winStart = this.o;
+    this.dv = new DataView(this.win.buffer, this.win.byteOffset, this.win.byteLength);
+  }
+  /** `n` values of at least `min` bytes each must fit in what is left (so a lying count fails before allocating). */
+  fits(n: number, min: number, what: string): void {
+    if (n * min > this.src.size - this.o) {
+      throw new QaloraError(`${this.path}: truncated GGUF while reading ${what} (${n} values of at least ${min} bytes at offset ${this.o}, file has ${this.src.size})`);
     }
   }
-  u32(what: string): number { this.need(4, what); const v = this.dv.getUint32(this.o, true); this.o += 4; return v; }
+  private at(): number { return this.o - this.winStart; }
+  u32(what: string): number { this.need(4, what); const v = this.dv.getUint32(this.at(), true); this.o += 4; return v; }
   u64(what: string): number {
     this.need(8, what);
-    const v = this.dv.getBigUint64(this.o, true);
+    const v = this.dv.getBigUint64(this.at(), true);
     this.o += 8;
     if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new QaloraError(`${this.path}: ${what} = ${v} is out of range`);
     return Number(v);
@@ -65,17 +97,16 @@ class Reader {
   str(what: string): string {
     const n = this.count(`${what} length`);
     this.need(n, what);
-    const s = Buffer.from(this.buf.buffer, this.buf.byteOffset + this.o, n).toString('utf8');
+    const s = Buffer.from(this.win.buffer, this.win.byteOffset + this.at(), n).toString('utf8');
     this.o += n;
     return s;
   }
   scalar(type: number, what: string): GgufScalar {
-    const dv = this.dv;
-    const size = [1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8][type];
     if (type === GgufValueType.STRING) return this.str(what);
+    const size = SCALAR_BYTES[type];
     if (size === undefined || size === 0) throw new QaloraError(`${this.path}: ${what} has unknown GGUF value type ${type}`);
     this.need(size, what);
-    const o = this.o;
+    const dv = this.dv, o = this.at();
     this.o += size;
     switch (type) {
       case 0: return dv.getUint8(o);
@@ -100,24 +131,29 @@ class Reader {
     };
     const t = typed[elemType];
     if (t) {
+      this.fits(n, t[1], what);
       this.need(n * t[1], what);
       const out = new t[0](n);
-      new Uint8Array((out as unknown as Uint8Array).buffer).set(this.buf.subarray(this.o, this.o + n * t[1]));
+      new Uint8Array((out as unknown as Uint8Array).buffer).set(this.win.subarray(this.at(), this.at() + n * t[1]));
       this.o += n * t[1];
       return { elemType, value: out as unknown as GgufArray };
     }
     if (elemType === GgufValueType.BOOL) {
+      this.fits(n, 1, what);
       this.need(n, what);
-      const out = Array.from(this.buf.subarray(this.o, this.o + n), (b) => b !== 0);
+      const out = Array.from(this.win.subarray(this.at(), this.at() + n), (b) => b !== 0);
       this.o += n;
       return { elemType, value: out };
     }
+    // Strings and nested arrays start with a length or a type + count: at least 4 bytes each.
     if (elemType === GgufValueType.STRING) {
+      this.fits(n, 4, what);
       const out: string[] = new Array(n);
       for (let i = 0; i < n; i++) out[i] = this.str(`${what}[${i}]`);
       return { elemType, value: out };
     }
     if (elemType === GgufValueType.ARRAY) {
+      this.fits(n, 4, what);
       const out: GgufArray[] = new Array(n);
       for (let i = 0; i < n; i++) out[i] = this.array(`${what}[${i}]`).value;
       return { elemType, value: out };
@@ -126,35 +162,37 @@ class Reader {
   }
 }
 
+/** Opens a GGUF file: reads its header now and each tensor's bytes when asked (GgufTensor.read). */
 export function readGguf(path: string): GgufFile {
-  let buf: Buffer;
-  try {
-    buf = readFileSync(path);
-  } catch (e) {
-    throw new QaloraError(`${path}: cannot read GGUF file (${(e as Error).message})`);
-  }
-  return parseGguf(new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength), path);
+  return withFile(path, 'GGUF file', (src) => parseGgufSource(src));
 }
 
+/** A GGUF file already in memory; tensors' read() returns views into `buf`. */
 export function parseGguf(buf: Uint8Array, path = '<buffer>'): GgufFile {
-  if (buf.byteLength < 8 || new DataView(buf.buffer, buf.byteOffset).getUint32(0, true) !== GGUF_MAGIC) {
-    throw new QaloraError(`${path}: not a GGUF file (missing "GGUF" magic)`);
-  }
-  const version = new DataView(buf.buffer, buf.byteOffset).getUint32(4, true);
+  return parseGgufSource(new BufferSource(buf, path));
+}
+
+function parseGgufSource(src: ByteSource): GgufFile {
+  const path = src.path;
+  const h = new Reader(src);
+  if (src.size < 8 || h.u32('magic') !== GGUF_MAGIC) throw new QaloraError(`${path}: not a GGUF file (missing "GGUF" magic)`);
+  const version = h.u32('version');
   if (version < 1 || version > 3) throw new QaloraError(`${path}: GGUF version ${version} is not supported (1, 2, 3)`);
-  const r = new Reader(buf, path, version >= 2);
-  r.o = 8;
-  const nTensors = r.count('tensor count');
-  const nKv = r.count('metadata count');
+  h.wide = version >= 2;
+  const nTensors = h.count('tensor count');
+  const nKv = h.count('metadata count');
+  // Each KV is at least a key length, a type and a value byte; each tensor info at least a name length,
+  // n_dims, a dim, a type and an offset.
+  h.fits(nKv, version >= 2 ? 13 : 9, 'metadata');
   const metadata = new Map<string, GgufKV>();
   for (let i = 0; i < nKv; i++) {
-    const key = r.str(`metadata key #${i}`);
-    const type = r.u32(`type of metadata '${key}'`);
+    const key = h.str(`metadata key #${i}`);
+    const type = h.u32(`type of metadata '${key}'`);
     if (type === GgufValueType.ARRAY) {
-      const { elemType, value } = r.array(`metadata '${key}'`);
+      const { elemType, value } = h.array(`metadata '${key}'`);
       metadata.set(key, { type, elemType, value });
     } else {
-      metadata.set(key, { type, value: r.scalar(type, `metadata '${key}'`) });
+      metadata.set(key, { type, value: h.scalar(type, `metadata '${key}'`) });
     }
   }
   const alignKv = metadata.get('general.alignment');
@@ -162,22 +200,24 @@ export function parseGguf(buf: Uint8Array, path = '<buffer>'): GgufFile {
   if (!Number.isInteger(alignment) || alignment <= 0 || (alignment & (alignment - 1)) !== 0) {
     throw new QaloraError(`${path}: general.alignment ${alignKv?.value} must be a power of two`);
   }
-  const infos: Omit<GgufTensor, 'data'>[] = [];
+  h.fits(nTensors, version >= 2 ? 32 : 24, 'tensor infos');
+  const infos: { name: string; dims: number[]; type: number; offset: number }[] = [];
   for (let i = 0; i < nTensors; i++) {
-    const name = r.str(`tensor #${i} name`);
-    const nDims = r.u32(`tensor '${name}' n_dims`);
+    const name = h.str(`tensor #${i} name`);
+    const nDims = h.u32(`tensor '${name}' n_dims`);
     if (nDims < 1 || nDims > 4) throw new QaloraError(`${path}: tensor '${name}' has ${nDims} dimensions (1 to 4 allowed)`);
     const dims: number[] = [];
-    for (let d = 0; d < nDims; d++) dims.push(r.count(`tensor '${name}' dims`));
-    const type = r.u32(`tensor '${name}' type`);
-    const offset = r.u64(`tensor '${name}' offset`);
+    for (let d = 0; d < nDims; d++) dims.push(h.count(`tensor '${name}' dims`));
+    const type = h.u32(`tensor '${name}' type`);
+    const offset = h.u64(`tensor '${name}' offset`);
     infos.push({ name, dims, type, offset });
   }
-  const dataStart = Math.ceil(r.o / alignment) * alignment;
+  const dataStart = Math.ceil(h.o / alignment) * alignment;
   const tensors = new Map<string, GgufTensor>();
   for (const t of infos) {
     const where = `${path}: tensor '${t.name}'`;
     const elems = t.dims.reduce((a, b) => a * b, 1);
+    if (!Number.isSafeInteger(elems)) throw new QaloraError(`${where}: dims [${t.dims}] overflow (more than 2^53 elements; lying header?)`);
     let bytes: number;
     try {
       bytes = ggmlBytes(t.type, t.dims[0], elems, where);
@@ -187,13 +227,13 @@ export function parseGguf(buf: Uint8Array, path = '<buffer>'): GgufFile {
       bytes = 0;
     }
     if (t.offset % alignment !== 0) throw new QaloraError(`${where}: offset ${t.offset} is not a multiple of the alignment ${alignment}`);
-    const begin = dataStart + t.offset;
-    if (begin + bytes > buf.byteLength) {
-      throw new QaloraError(`${where}: ${ggmlTypeName(t.type)} [${t.dims}] needs ${bytes} bytes at offset ${begin}, file has ${buf.byteLength} (truncated?)`);
-    }
-    tensors.set(t.name, { ...t, data: buf.subarray(begin, begin + bytes) });
+    const fileOffset = dataStart + t.offset;
+    const what = `${where}: ${ggmlTypeName(t.type)} [${t.dims}]`;
+    checkRange(src.size, fileOffset, bytes, what);
+    const read = bytes === 0 ? () => new Uint8Array(0) : () => src.bytes(fileOffset, bytes, what);
+    tensors.set(t.name, { ...t, fileOffset, byteLength: bytes, read });
   }
-  return { path, version, alignment, metadata, tensors };
+  return { path, version, alignment, metadata, tensors, close: () => src.close() };
 }
 
 /** A metadata value, or a QaloraError naming the key when it is missing (and no default is given). */
@@ -221,17 +261,19 @@ export function ggufTensorF32(f: GgufFile, name: string, dims?: number[]): Float
     throw new QaloraError(`${f.path}: tensor '${name}' has dims [${t.dims}], expected [${dims}]`);
   }
   const elems = t.dims.reduce((a, b) => a * b, 1);
-  return dequantize(t.type, t.data, elems, `${f.path}: tensor '${name}'`);
+  const bytes = t.read();
+  // A file read is a fresh array holding exactly these bytes: F32 is used as it is, not copied a second time.
+  if (t.type === GgmlType.F32 && bytes.byteOffset === 0 && bytes.buffer.byteLength === bytes.byteLength) return new Float32Array(bytes.buffer);
+  return dequantize(t.type, bytes, elems, `${f.path}: tensor '${name}'`);
 }
 
 // ---- Writing (tests, export) ----------------------------------------------------------------------------
 
-export interface GgufWriteTensor {
-  name: string;
-  dims: number[];
-  type: number;
-  data: Uint8Array;
-}
+/**
+ * A tensor to write: its bytes in memory (`data`), or read when the writer reaches it (`read()`, called once) —
+ * a GgufTensor of an opened file is one, so untouched tensors are copied over byte for byte.
+ */
+export type GgufWriteTensor = { name: string; dims: number[]; type: number } & ({ data: Uint8Array } | { read(): Uint8Array });
 
 /** A metadata entry to write: the value's GGUF type is given explicitly (no guessing between u32/i32/f32). */
 export type GgufWriteKV = [key: string, type: number, value: GgufValue, elemType?: number];
@@ -270,8 +312,22 @@ class Writer {
   }
 }
 
-/** Serialises a GGUF file (v1 with u32 counts, v2/v3 with u64), tensors aligned to `alignment`. */
-export function serializeGguf(kvs: GgufWriteKV[], tensors: GgufWriteTensor[], version = 3, alignment = 32): Uint8Array[] {
+/** Where a GGUF file's tensors go: the header's bytes (padded to the data start) and each tensor's size and offset. */
+export interface GgufLayout {
+  /** Magic through tensor infos, padded with zeros to the aligned start of the data section. */
+  header: Uint8Array;
+  /** Each tensor's absolute file offset and byte size, in the order given. */
+  offsets: number[];
+  sizes: number[];
+  /** The file's total size. */
+  size: number;
+}
+
+/**
+ * Lays out a GGUF file (v1 with u32 counts, v2/v3 with u64), tensors aligned to `alignment`, without their data:
+ * the header is built from names, dims and types alone (so a sparse test file or a streamed write needs no bytes).
+ */
+export function ggufLayout(kvs: GgufWriteKV[], tensors: { name: string; dims: number[]; type: number }[], version = 3, alignment = 32): GgufLayout {
   const w = new Writer(version >= 2);
   w.u32(GGUF_MAGIC);
   w.u32(version);
@@ -284,27 +340,68 @@ export function serializeGguf(kvs: GgufWriteKV[], tensors: GgufWriteTensor[], ve
     else w.scalar(type, value);
   }
   let offset = 0;
-  const offsets: number[] = [];
+  const rel: number[] = [], sizes: number[] = [];
   for (const t of tensors) {
     const elems = t.dims.reduce((a, b) => a * b, 1);
     const bytes = ggmlBytes(t.type, t.dims[0], elems, `tensor '${t.name}'`);
-    if (bytes !== t.data.byteLength) throw new QaloraError(`tensor '${t.name}': ${t.data.byteLength} bytes, ${ggmlTypeName(t.type)} [${t.dims}] needs ${bytes}`);
     w.str(t.name);
     w.u32(t.dims.length);
     for (const d of t.dims) w.count(d);
     w.u32(t.type);
     w.u64(offset);
-    offsets.push(offset);
+    rel.push(offset);
+    sizes.push(bytes);
     offset = Math.ceil((offset + bytes) / alignment) * alignment;
   }
-  const pad = (n: number) => { if (n > 0) w.bytes(new Uint8Array(n)); };
-  pad(Math.ceil(w.length / alignment) * alignment - w.length);
-  const dataStart = w.length;
-  tensors.forEach((t, i) => {
-    pad(dataStart + offsets[i] - w.length);
-    w.bytes(t.data);
-  });
-  return w.chunks;
+  const dataStart = Math.ceil(w.length / alignment) * alignment;
+  // One header buffer rather than thousands of small chunks (the vocabulary): one write, not a syscall each.
+  const header = new Uint8Array(dataStart);
+  let at = 0;
+  for (const c of w.chunks) { header.set(c, at); at += c.byteLength; }
+  const offsets = rel.map((o) => dataStart + o);
+  const size = tensors.length ? offsets[offsets.length - 1] + sizes[sizes.length - 1] : dataStart;
+  return { header, offsets, sizes, size };
+}
+
+/** The file as a sequence of chunks: the header, then each tensor's bytes obtained only when reached. */
+function* ggufChunks(kvs: GgufWriteKV[], tensors: GgufWriteTensor[], version: number, alignment: number): Generator<Uint8Array> {
+  for (const t of tensors) if ('data' in t) checkLength(t, t.data, ggmlBytes(t.type, t.dims[0], t.dims.reduce((a, b) => a * b, 1), `tensor '${t.name}'`));
+  const layout = ggufLayout(kvs, tensors, version, alignment);
+  yield layout.header;
+  let at = layout.header.byteLength;
+  for (let i = 0; i < tensors.length; i++) {
+    if (layout.offsets[i] > at) yield new Uint8Array(layout.offsets[i] - at);
+    const t = tensors[i];
+    const data = 'data' in t ? t.data : t.read();
+    checkLength(t, data, layout.sizes[i]);
+    yield data;
+    at = layout.offsets[i] + data.byteLength;
+  }
+}
+
+function checkLength(t: GgufWriteTensor, data: Uint8Array, bytes: number): void {
+  if (bytes !== data.byteLength) throw new QaloraError(`tensor '${t.name}': ${data.byteLength} bytes, ${ggmlTypeName(t.type)} [${t.dims}] needs ${bytes}`);
+}
+
+/** Serialises a GGUF file in memory (v1 with u32 counts, v2/v3 with u64), tensors aligned to `alignment`. */
+export function serializeGguf(kvs: GgufWriteKV[], tensors: GgufWriteTensor[], version = 3, alignment = 32): Uint8Array[] {
+  return [...ggufChunks(kvs, tensors, version, alignment)];
+}
+
+/**
+ * Writes a GGUF file atomically (temporary file, fsync, rename), one tensor at a time: tensors given by read()
+ * are read as the writer reaches them, so a 4 GB file is written at the memory of its largest tensor. The bytes
+ * are those serializeGguf gives. Returns the file's size.
+ */
+export function writeGguf(path: string, kvs: GgufWriteKV[], tensors: GgufWriteTensor[], version = 3, alignment = 32): number {
+  let size = 0;
+  writeFileAtomic(path, (function* () {
+    for (const c of ggufChunks(kvs, tensors, version, alignment)) {
+      size += c.byteLength;
+      yield c;
+    }
+  })());
+  return size;
 }
 
 export { GgmlType };

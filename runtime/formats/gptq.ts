@@ -3,15 +3,17 @@
 // values straddle words), qzeros i32 [in/g, out·b/32] (a bit stream along `out`), scales f16 [in/g, out],
 // g_idx i32 [in]. W = scale·(q − z): α = scale, β = −scale·z. v1 ("gptq") stores z − 1, v2 ("gptq_v2") z.
 // Groups must be contiguous (g_idx[i] = i // g): QA-LoRA pools inputs by the same groups the base is quantized
-// by, so an act-order checkpoint (desc_act) cannot be mapped and is refused.
+// by, so an act-order checkpoint (desc_act) cannot be mapped and is refused. Layers stay in the files until the
+// model is prepared (FileLinear.quant.read converts one layer at a time); shapes are checked at load.
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Bits, QaloraSettings } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
-import type { BlockWeights, Linear, LlamaWeights, ProjectionName, QuantLinear } from '../model/types.ts';
+import { denseWeight } from '../model/dense.ts';
+import type { BlockWeights, FileLinear, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear } from '../model/types.ts';
 import { packQ, wordsPerRow } from '../reference/numeric.ts';
-import { asF32, asI32, type SafeTensor } from '../safetensors.ts';
-import { HF_PROJECTION, hfToMetaRows, readHfConfig, readHfTensors } from './hf.ts';
+import { asF32, asI32, readTensor, type SafeDType, type SafeTensor, type StoredTensor } from '../safetensors.ts';
+import { HF_PROJECTION, hfToMetaRows, readF32, readHfConfig, readHfTensors } from './hf.ts';
 
 export interface GptqConfig {
   bits: Bits;
@@ -57,11 +59,31 @@ function streamBits(word: (k: number) => number, pos: number, bits: number): num
   return v & ((1 << bits) - 1);
 }
 
-export interface GptqLayerTensors {
-  qweight: SafeTensor;
-  qzeros: SafeTensor;
-  scales: SafeTensor;
-  gIdx?: SafeTensor;
+export interface GptqLayerTensors<T extends { dtype: SafeDType; shape: number[] } = SafeTensor> {
+  qweight: T;
+  qzeros: T;
+  scales: T;
+  gIdx?: T;
+}
+
+/** Checks a layer's tensor shapes and dtypes (no data read) and returns its group size. */
+export function checkGptqLayer(t: GptqLayerTensors<{ dtype: SafeDType; shape: number[] }>, cfg: GptqConfig, out: number, inF: number, where: string): number {
+  const b = cfg.bits;
+  const group = cfg.groupSize === -1 ? inF : cfg.groupSize;
+  if (inF % group !== 0) throw new QaloraError(`${where}: group_size ${group} does not divide in_features ${inF}`);
+  const L = inF / group;
+  const expect = (name: string, tensor: { dtype: SafeDType; shape: number[] }, shape: number[], dtypes: string[]) => {
+    if (tensor.shape.length !== shape.length || tensor.shape.some((s, i) => s !== shape[i])) {
+      throw new QaloraError(`${where}.${name} has shape [${tensor.shape}], expected [${shape}] for ${b}-bit, group ${group}, [out ${out}, in ${inF}]`);
+    }
+    if (!dtypes.includes(tensor.dtype)) throw new QaloraError(`${where}.${name} has dtype ${tensor.dtype}, expected ${dtypes.join(' or ')}`);
+  };
+  if ((inF * b) % 32 !== 0 || (out * b) % 32 !== 0) throw new QaloraError(`${where}: in ${inF} and out ${out} times ${b} bits must be multiples of 32 for GPTQ packing`);
+  expect('qweight', t.qweight, [(inF * b) / 32, out], ['I32', 'U32']);
+  expect('qzeros', t.qzeros, [L, (out * b) / 32], ['I32', 'U32']);
+  expect('scales', t.scales, [L, out], ['F16', 'F32', 'BF16']);
+  if (t.gIdx) expect('g_idx', t.gIdx, [inF], ['I32', 'I64']);
+  return group;
 }
 
 /**
@@ -72,21 +94,9 @@ export function gptqToBlocked32(
   t: GptqLayerTensors, cfg: GptqConfig, out: number, inF: number, where: string, rowOrder?: Int32Array,
 ): { qweight: Uint32Array; alpha: Float32Array; beta: Float32Array; group: number } {
   const b = cfg.bits;
-  const group = cfg.groupSize === -1 ? inF : cfg.groupSize;
-  if (inF % group !== 0) throw new QaloraError(`${where}: group_size ${group} does not divide in_features ${inF}`);
+  const group = checkGptqLayer(t, cfg, out, inF, where);
   const L = inF / group;
-  const expect = (name: string, tensor: SafeTensor, shape: number[], dtypes: string[]) => {
-    if (tensor.shape.length !== shape.length || tensor.shape.some((s, i) => s !== shape[i])) {
-      throw new QaloraError(`${where}.${name} has shape [${tensor.shape}], expected [${shape}] for ${b}-bit, group ${group}, [out ${out}, in ${inF}]`);
-    }
-    if (!dtypes.includes(tensor.dtype)) throw new QaloraError(`${where}.${name} has dtype ${tensor.dtype}, expected ${dtypes.join(' or ')}`);
-  };
-  if ((inF * b) % 32 !== 0 || (out * b) % 32 !== 0) throw new QaloraError(`${where}: in ${inF} and out ${out} times ${b} bits must be multiples of 32 for GPTQ packing`);
-  expect('qweight', t.qweight, [(inF * b) / 32, out], ['I32', 'U32']);
-  expect('qzeros', t.qzeros, [L, (out * b) / 32], ['I32', 'U32']);
-  expect('scales', t.scales, [L, out], ['F16', 'F32', 'BF16']);
   if (t.gIdx) {
-    expect('g_idx', t.gIdx, [inF], ['I32', 'I64']);
     const g = asI32(t.gIdx);
     for (let i = 0; i < inF; i++) {
       if (g[i] !== Math.floor(i / group)) {
@@ -122,11 +132,12 @@ function metaRowOrder(rows: number, heads: number): Int32Array {
 }
 
 export interface GptqLoadOptions {
-  /** Adapter settings for the QuantLinear layers (bits and group always come from the checkpoint). */
+  /** Default adapter settings of the bases the layers give (bits and group always come from the checkpoint). */
   settings?: Partial<QaloraSettings>;
 }
 
-export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWeights {
+/** The model in a GPTQ directory: projections are FileLinear whose quant.read converts the layer when asked. */
+export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWeights<LoadedLinear> {
   const cfg = readGptqConfig(dir);
   const { config } = readHfConfig(dir);
   const tensors = readHfTensors(dir);
@@ -136,17 +147,16 @@ export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWei
     const t = tensors.get(name);
     if (!t) throw new QaloraError(`${dir}: missing tensor '${name}' (expected shape [${shape}])`);
     if (t.shape.join() !== shape.join()) throw new QaloraError(`${t.file}: tensor '${name}' has shape [${t.shape}], expected [${shape}]`);
-    const f = asF32(t);
-    return f.buffer === t.data.buffer ? f.slice() : f;
+    return readF32(t);
   };
   const shapes: Record<ProjectionName, [number, number]> = {
     q: [dim, dim], k: [kvDim, dim], v: [kvDim, dim], o: [dim, dim], gate: [hidden, dim], up: [hidden, dim], down: [dim, hidden],
   };
   const orders = { q: metaRowOrder(dim, heads), k: metaRowOrder(kvDim, kvHeads) } as Partial<Record<ProjectionName, Int32Array>>;
-  const blocks: BlockWeights[] = [];
+  const blocks: BlockWeights<LoadedLinear>[] = [];
   for (let l = 0; l < layers; l++) {
     const pre = `model.layers.${l}`;
-    const proj = {} as Record<ProjectionName, Linear>;
+    const proj = {} as Record<ProjectionName, FileLinear>;
     for (const p of Object.keys(shapes) as ProjectionName[]) {
       const [out, inF] = shapes[p];
       const base = `${pre}.${HF_PROJECTION[p]}`;
@@ -156,15 +166,23 @@ export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWei
         return t;
       };
       const bias = tensors.get(`${base}.bias`);
-      if (bias && asF32(bias).some((v) => v !== 0)) throw new QaloraError(`${bias.file}: '${base}.bias' is non-zero; LLaMA projections have no bias`);
-      const m = gptqToBlocked32(
-        { qweight: need('qweight'), qzeros: need('qzeros'), scales: need('scales'), gIdx: tensors.get(`${base}.g_idx`) },
-        cfg, out, inF, `${dir}: '${base}'`, orders[p],
-      );
-      const settings: QaloraSettings = {
-        rank: 0, alpha: 0, dropout: 0, pool: 'mean', dtype: 'fp32', ...opts.settings, bits: cfg.bits, group: m.group,
+      if (bias && readF32(bias).some((v) => v !== 0)) throw new QaloraError(`${bias.file}: '${base}.bias' is non-zero; LLaMA projections have no bias`);
+      const stored: GptqLayerTensors<StoredTensor> = { qweight: need('qweight'), qzeros: need('qzeros'), scales: need('scales'), gIdx: tensors.get(`${base}.g_idx`) };
+      const where = `${dir}: '${base}'`;
+      const group = checkGptqLayer(stored, cfg, out, inF, where);
+      const read = (settings: Partial<QaloraSettings>): QuantLinear => {
+        const m = gptqToBlocked32(
+          { qweight: readTensor(stored.qweight), qzeros: readTensor(stored.qzeros), scales: readTensor(stored.scales), gIdx: stored.gIdx && readTensor(stored.gIdx) },
+          cfg, out, inF, where, orders[p],
+        );
+        const full: QaloraSettings = { rank: 0, alpha: 0, dropout: 0, pool: 'mean', dtype: 'fp32', ...opts.settings, ...settings, bits: cfg.bits, group };
+        return { kind: 'quant', out, in: inF, settings: full, qweight: m.qweight, alpha: m.alpha, beta: m.beta };
       };
-      proj[p] = { kind: 'quant', out, in: inF, settings, qweight: m.qweight, alpha: m.alpha, beta: m.beta } satisfies QuantLinear;
+      proj[p] = {
+        kind: 'file', out, in: inF, fileType: `GPTQ ${cfg.bits}-bit g${group}`, source: `${stored.qweight.file}: layer '${base}'`,
+        readFloat: () => denseWeight(read({})),
+        quant: { bits: cfg.bits, group, read },
+      };
     }
     blocks.push({ attnNorm: float(`${pre}.input_layernorm.weight`, [dim]), ffnNorm: float(`${pre}.post_attention_layernorm.weight`, [dim]), proj });
   }

@@ -1,11 +1,15 @@
 // Hugging Face LLaMA directories: config.json + model.safetensors (or a sharded index). HF stores q/k rows in
 // the rotate-half order (RoPE pairs i and i + head_dim/2); we keep the Meta order (pairs 2i, 2i+1), so rows are
-// permuted on the way in and out, per head, with n_kv_heads for k (GQA).
+// permuted on the way in and out, per head, with n_kv_heads for k (GQA). Tensors are read one at a time from the
+// (possibly sharded) files: norms and the embedding now, projections when the model is prepared (FileLinear).
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { QaloraError } from '../errors.ts';
-import type { BlockWeights, FloatLinear, LlamaConfig, LlamaWeights, ProjectionName } from '../model/types.ts';
-import { asF32, readSafetensors, type SafeTensor, tensorOf, writeSafetensors, writeFileAtomic } from '../safetensors.ts';
+import type { BlockWeights, FileLinear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName } from '../model/types.ts';
+import {
+  asF32, DTYPE_BYTES, type LazyTensor, numel, openSafetensors, readTensor, type SafeTensor, type StoredTensor, tensorOf, writeSafetensors, writeFileAtomic,
+} from '../safetensors.ts';
+import { denseTable } from '../model/dense.ts';
 
 export const HF_PROJECTION: Record<ProjectionName, string> = {
   q: 'self_attn.q_proj', k: 'self_attn.k_proj', v: 'self_attn.v_proj', o: 'self_attn.o_proj',
@@ -71,13 +75,16 @@ export function readHfConfig(dir: string): { config: LlamaConfig; json: HfConfig
   return { config, json };
 }
 
-/** Every tensor of the checkpoint by name: model.safetensors, or the shards a model.safetensors.index.json lists. */
-export function readHfTensors(dir: string): Map<string, SafeTensor & { file: string }> {
+/**
+ * Every tensor of the checkpoint by name, not yet read (StoredTensor.read): model.safetensors, or the shards a
+ * model.safetensors.index.json lists. Only the headers are read here.
+ */
+export function readHfTensors(dir: string): Map<string, StoredTensor> {
   const single = join(dir, 'model.safetensors');
   const index = join(dir, 'model.safetensors.index.json');
-  const out = new Map<string, SafeTensor & { file: string }>();
+  const out = new Map<string, StoredTensor>();
   const add = (file: string) => {
-    for (const [name, t] of readSafetensors(file).tensors) out.set(name, { ...t, file });
+    for (const [name, t] of openSafetensors(file).tensors) out.set(name, t);
   };
   if (existsSync(index)) {
     let map: Record<string, string>;
@@ -127,35 +134,46 @@ function permuteRows(w: Float32Array, heads: number, cols: number, toMeta: boole
   return out;
 }
 
-export function readHfModel(dir: string): LlamaWeights {
+/** A float tensor of the checkpoint, its shape and dtype checked now, before anything is read. */
+function floatTensor(dir: string, tensors: Map<string, StoredTensor>, name: string, shape: number[]): StoredTensor {
+  const t = tensors.get(name);
+  if (!t) throw new QaloraError(`${dir}: missing tensor '${name}' (expected shape [${shape}])`);
+  if (t.shape.length !== shape.length || t.shape.some((s, i) => s !== shape[i])) {
+    throw new QaloraError(`${t.file}: tensor '${name}' has shape [${t.shape}], expected [${shape}]`);
+  }
+  if (!['F32', 'F16', 'BF16'].includes(t.dtype)) throw new QaloraError(`${t.file}: tensor '${name}' has dtype ${t.dtype}, expected F32, F16 or BF16`);
+  return t;
+}
+
+/** The checkpoint's tensor as fp32: F32 read straight into its array, F16/BF16 widened. */
+export function readF32(t: StoredTensor): Float32Array {
+  return asF32(readTensor(t));
+}
+
+/** The model in an HF directory; projections stay in the files until the model is prepared. */
+export function readHfModel(dir: string): LlamaWeights<LoadedLinear> {
   const { config } = readHfConfig(dir);
   const tensors = readHfTensors(dir);
   const { dim, hidden, layers, heads, kvHeads, vocab } = config;
   const kvDim = (dim / heads) * kvHeads;
-  const get = (name: string, shape: number[]): Float32Array => {
-    const t = tensors.get(name);
-    if (!t) throw new QaloraError(`${dir}: missing tensor '${name}' (expected shape [${shape}])`);
-    if (t.shape.length !== shape.length || t.shape.some((s, i) => s !== shape[i])) {
-      throw new QaloraError(`${t.file}: tensor '${name}' has shape [${t.shape}], expected [${shape}]`);
-    }
-    if (!['F32', 'F16', 'BF16'].includes(t.dtype)) throw new QaloraError(`${t.file}: tensor '${name}' has dtype ${t.dtype}, expected F32, F16 or BF16`);
-    const f = asF32(t);
-    return f.buffer === t.data.buffer ? f.slice() : f; // own the memory, not a view into the file
-  };
+  const get = (name: string, shape: number[]): Float32Array => readF32(floatTensor(dir, tensors, name, shape));
   const tokEmbedding = get('model.embed_tokens.weight', [vocab, dim]);
   const shapes: Record<ProjectionName, [number, number]> = {
     q: [dim, dim], k: [kvDim, dim], v: [kvDim, dim], o: [dim, dim], gate: [hidden, dim], up: [hidden, dim], down: [dim, hidden],
   };
-  const blocks: BlockWeights[] = [];
+  const blocks: BlockWeights<LoadedLinear>[] = [];
   for (let l = 0; l < layers; l++) {
     const pre = `model.layers.${l}`;
-    const proj = {} as Record<ProjectionName, FloatLinear>;
+    const proj = {} as Record<ProjectionName, FileLinear>;
     for (const p of Object.keys(shapes) as ProjectionName[]) {
       const [out, inp] = shapes[p];
-      let w = get(`${pre}.${HF_PROJECTION[p]}.weight`, [out, inp]);
-      if (p === 'q') w = hfToMetaRows(w, heads, inp);
-      if (p === 'k') w = hfToMetaRows(w, kvHeads, inp);
-      proj[p] = { kind: 'float', out, in: inp, w };
+      const name = `${pre}.${HF_PROJECTION[p]}.weight`;
+      const t = floatTensor(dir, tensors, name, [out, inp]);
+      const ropeHeads = p === 'q' ? heads : p === 'k' ? kvHeads : 0;
+      proj[p] = {
+        kind: 'file', out, in: inp, fileType: t.dtype, source: `${t.file}: tensor '${name}'`,
+        readFloat: () => (ropeHeads ? hfToMetaRows(readF32(t), ropeHeads, inp) : readF32(t)),
+      };
     }
     blocks.push({
       attnNorm: get(`${pre}.input_layernorm.weight`, [dim]),
@@ -195,25 +213,29 @@ export function hfConfigJson(c: LlamaConfig, dtype: 'float32' | 'float16' | 'bfl
  * Writes a float LLaMA as an HF directory (config.json + model.safetensors, or `shards` files with an index).
  * Quantized projections are refused: HF holds float weights (GPTQ has its own writer).
  */
-export function writeHfModel(dir: string, w: LlamaWeights, opts: { shards?: number } = {}): void {
+export function writeHfModel(dir: string, w: LlamaWeights<LoadedLinear>, opts: { shards?: number } = {}): void {
   const { heads, kvHeads, dim } = w.config;
   mkdirSync(dir, { recursive: true });
-  const tensors: [string, SafeTensor][] = [['model.embed_tokens.weight', tensorOf('F32', [w.config.vocab, dim], w.tokEmbedding)]];
+  const tensors: [string, SafeTensor | LazyTensor][] = [['model.embed_tokens.weight', tensorOf('F32', [w.config.vocab, dim], denseTable(w.tokEmbedding))]];
   w.blocks.forEach((b, l) => {
     const pre = `model.layers.${l}`;
     tensors.push([`${pre}.input_layernorm.weight`, tensorOf('F32', [dim], b.attnNorm)]);
     tensors.push([`${pre}.post_attention_layernorm.weight`, tensorOf('F32', [dim], b.ffnNorm)]);
     for (const p of Object.keys(HF_PROJECTION) as ProjectionName[]) {
       const lin = b.proj[p];
-      if (lin.kind !== 'float') throw new QaloraError(`HF export: block ${l} projection ${p} is quantized; write float weights or GPTQ`);
-      let data = lin.w;
-      if (p === 'q') data = metaToHfRows(data, heads, lin.in);
-      if (p === 'k') data = metaToHfRows(data, kvHeads, lin.in);
-      tensors.push([`${pre}.${HF_PROJECTION[p]}.weight`, tensorOf('F32', [lin.out, lin.in], data)]);
+      if (lin.kind === 'quant') throw new QaloraError(`HF export: block ${l} projection ${p} is quantized; write float weights or GPTQ`);
+      // Read (a FileLinear) and permuted when the writer reaches it: one projection in memory at a time.
+      const ropeHeads = p === 'q' ? heads : p === 'k' ? kvHeads : 0;
+      const read = () => {
+        const data = lin.kind === 'file' ? lin.readFloat() : lin.w;
+        const out = ropeHeads ? metaToHfRows(data, ropeHeads, lin.in) : data;
+        return new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+      };
+      tensors.push([`${pre}.${HF_PROJECTION[p]}.weight`, { dtype: 'F32', shape: [lin.out, lin.in], read }]);
     }
   });
   tensors.push(['model.norm.weight', tensorOf('F32', [dim], w.finalNorm)]);
-  if (!w.config.tiedClassifier) tensors.push(['lm_head.weight', tensorOf('F32', [w.config.vocab, dim], w.classifier)]);
+  if (!w.config.tiedClassifier) tensors.push(['lm_head.weight', tensorOf('F32', [w.config.vocab, dim], denseTable(w.classifier))]);
   const enc = new TextEncoder();
   writeFileAtomic(join(dir, 'config.json'), [enc.encode(JSON.stringify(hfConfigJson(w.config), null, 2) + '\n')]);
   const shards = Math.max(1, opts.shards ?? 1);
@@ -229,6 +251,6 @@ export function writeHfModel(dir: string, w: LlamaWeights, opts: { shards?: numb
     for (const [name] of part) weightMap[name] = file;
     writeSafetensors(join(dir, file), new Map(part), { format: 'pt' });
   }
-  const total = tensors.reduce((a, [, t]) => a + t.data.byteLength, 0);
+  const total = tensors.reduce((a, [, t]) => a + numel(t.shape) * DTYPE_BYTES[t.dtype], 0);
   writeFileAtomic(join(dir, 'model.safetensors.index.json'), [enc.encode(JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2))]);
 }

@@ -3,39 +3,37 @@
 // rms_final, the legacy RoPE table (skipped), wcls when unshared. v1: u32 magic "ak42", i32 version 1, the same
 // 7 i32, u8 shared_classifier, padded to 256 bytes; then norms first (rms_att, rms_ffn, rms_final), tok_emb,
 // wq … w3, wcls when unshared. w1 = gate, w2 = down, w3 = up; matrices [out, in] row-major, q/k in Meta layout.
-import { readFileSync } from 'node:fs';
 import { QaloraError } from '../errors.ts';
-import type { BlockWeights, FloatLinear, LlamaConfig, LlamaWeights } from '../model/types.ts';
+import type { BlockWeights, FileLinear, LlamaConfig, LlamaWeights, LoadedLinear } from '../model/types.ts';
+import { denseTable } from '../model/dense.ts';
+import { BufferSource, type ByteSource, checkRange, withFile } from './file.ts';
 
 export const LLAMA2C_MAGIC = 0x616b3432;
 
-export function readLlama2c(path: string): LlamaWeights {
-  let buf: Buffer;
-  try {
-    buf = readFileSync(path);
-  } catch (e) {
-    throw new QaloraError(`${path}: cannot read llama2.c checkpoint (${(e as Error).message})`);
-  }
-  return parseLlama2c(buf, path);
+/** Opens a llama2.c checkpoint: header, norms and embedding read now, projections when the model is prepared. */
+export function readLlama2c(path: string): LlamaWeights<LoadedLinear> {
+  return withFile(path, 'llama2.c checkpoint', (src) => parseSource(src));
 }
 
-/** Reads f32 runs in file order, naming the tensor when the file ends early. */
-class F32Cursor {
-  constructor(private readonly buf: Buffer, private offset: number, private readonly path: string) {}
-  take(n: number, what: string): Float32Array {
-    const bytes = n * 4;
-    if (this.offset + bytes > this.buf.length) {
-      throw new QaloraError(`${this.path}: truncated in tensor ${what}: needs ${bytes} bytes at offset ${this.offset}, file has ${this.buf.length}`);
-    }
-    const out = new Float32Array(n);
-    new Uint8Array(out.buffer).set(this.buf.subarray(this.offset, this.offset + bytes));
-    this.offset += bytes;
-    return out;
+/** A llama2.c checkpoint in memory. */
+export function parseLlama2c(buf: Uint8Array, path: string): LlamaWeights<LoadedLinear> {
+  return parseSource(new BufferSource(buf, path));
+}
+
+/** Lays out the f32 runs in file order (each checked against the file size now) and reads them when asked. */
+class F32Layout {
+  constructor(private readonly src: ByteSource, private offset: number) {}
+  /** The next run of n floats: its reader, validated now (before any later read could touch it). */
+  next(n: number, what: string, shape: number[]): () => Float32Array {
+    const at = this.offset, where = `${this.src.path}: tensor ${what}: F32 [${shape}]`;
+    this.skip(n, where);
+    return () => this.src.array(Float32Array, at, n, where);
   }
-  skip(n: number, what: string): void {
-    if (this.offset + n * 4 > this.buf.length) {
-      throw new QaloraError(`${this.path}: truncated in ${what}: needs ${n * 4} bytes at offset ${this.offset}, file has ${this.buf.length}`);
-    }
+  take(n: number, what: string, shape = [n]): Float32Array {
+    return this.next(n, what, shape)();
+  }
+  skip(n: number, where: string): void {
+    checkRange(this.src.size, this.offset, n * 4, where);
     this.offset += n * 4;
   }
   get position(): number {
@@ -43,23 +41,25 @@ class F32Cursor {
   }
 }
 
-export function parseLlama2c(buf: Buffer, path: string): LlamaWeights {
-  if (buf.length < 28) throw new QaloraError(`${path}: too short for a llama2.c checkpoint (${buf.length} bytes; the header alone is 28)`);
-  const v1 = buf.readUInt32LE(0) === LLAMA2C_MAGIC;
+function parseSource(src: ByteSource): LlamaWeights<LoadedLinear> {
+  const path = src.path;
+  if (src.size < 28) throw new QaloraError(`${path}: too short for a llama2.c checkpoint (${src.size} bytes; the header alone is 28)`);
+  const head = Buffer.from(src.bytes(0, Math.min(256, src.size), `${path}: header`));
+  const v1 = head.readUInt32LE(0) === LLAMA2C_MAGIC;
   let headerBytes = 28;
   let shared: boolean;
   let h: number[];
   if (v1) {
-    const version = buf.readInt32LE(4);
+    const version = head.readInt32LE(4);
     if (version !== 1) {
       throw new QaloraError(`${path}: llama2.c checkpoint version ${version} is not supported (only v0 legacy and v1 float32; v2 is llama2.c's Q8_0 export)`);
     }
-    if (buf.length < 256) throw new QaloraError(`${path}: truncated llama2.c v1 header (${buf.length} of 256 bytes)`);
-    h = Array.from({ length: 7 }, (_, i) => buf.readInt32LE(8 + 4 * i));
-    shared = buf[36] !== 0;
+    if (src.size < 256) throw new QaloraError(`${path}: truncated llama2.c v1 header (${src.size} of 256 bytes)`);
+    h = Array.from({ length: 7 }, (_, i) => head.readInt32LE(8 + 4 * i));
+    shared = head[36] !== 0;
     headerBytes = 256;
   } else {
-    h = Array.from({ length: 7 }, (_, i) => buf.readInt32LE(4 * i));
+    h = Array.from({ length: 7 }, (_, i) => head.readInt32LE(4 * i));
     shared = h[5] > 0;
     h[5] = Math.abs(h[5]);
   }
@@ -74,10 +74,13 @@ export function parseLlama2c(buf: Buffer, path: string): LlamaWeights {
   const kvDim = kvHeads * headSize;
   const config: LlamaConfig = { dim, hidden, layers, heads, kvHeads, vocab, context, ropeTheta: 10000, normEps: 1e-5, tiedClassifier: shared };
 
-  const c = new F32Cursor(buf, headerBytes, path);
+  const c = new F32Layout(src, headerBytes);
   const perLayer = (n: number, what: string) => Array.from({ length: layers }, (_, l) => c.take(n, `${what}[${l}]`));
   const lin = (out: number, inp: number, what: string) =>
-    perLayer(out * inp, what).map((w): FloatLinear => ({ kind: 'float', out, in: inp, w }));
+    Array.from({ length: layers }, (_, l): FileLinear => ({
+      kind: 'file', out, in: inp, fileType: 'F32', source: `${path}: tensor ${what}[${l}]`,
+      readFloat: c.next(out * inp, `${what}[${l}]`, [out, inp]),
+    }));
 
   let tokEmbedding: Float32Array;
   let attnNorm: Float32Array[], ffnNorm: Float32Array[], finalNorm: Float32Array;
@@ -85,9 +88,9 @@ export function parseLlama2c(buf: Buffer, path: string): LlamaWeights {
     attnNorm = perLayer(dim, 'rms_att');
     ffnNorm = perLayer(dim, 'rms_ffn');
     finalNorm = c.take(dim, 'rms_final');
-    tokEmbedding = c.take(vocab * dim, 'tok_embeddings');
+    tokEmbedding = c.take(vocab * dim, 'tok_embeddings', [vocab, dim]);
   } else {
-    tokEmbedding = c.take(vocab * dim, 'tok_embeddings');
+    tokEmbedding = c.take(vocab * dim, 'tok_embeddings', [vocab, dim]);
     attnNorm = perLayer(dim, 'rms_att');
     finalNorm = new Float32Array(0); // read after the matrices in v0
     ffnNorm = [];
@@ -102,13 +105,13 @@ export function parseLlama2c(buf: Buffer, path: string): LlamaWeights {
   const w3 = lin(hidden, dim, 'w3');
   if (!v1) {
     finalNorm = c.take(dim, 'rms_final');
-    c.skip(context * headSize, 'freq_cis (legacy RoPE table)');
+    c.skip(context * headSize, `${path}: freq_cis (legacy RoPE table)`);
   }
-  const classifier = shared ? tokEmbedding : c.take(vocab * dim, 'wcls');
-  if (c.position !== buf.length) {
-    throw new QaloraError(`${path}: ${buf.length - c.position} bytes left after the last tensor: the header (${JSON.stringify(config)}) does not describe this file`);
+  const classifier = shared ? tokEmbedding : c.take(vocab * dim, 'wcls', [vocab, dim]);
+  if (c.position !== src.size) {
+    throw new QaloraError(`${path}: ${src.size - c.position} bytes left after the last tensor: the header (${JSON.stringify(config)}) does not describe this file`);
   }
-  const blocks: BlockWeights[] = Array.from({ length: layers }, (_, l) => ({
+  const blocks: BlockWeights<LoadedLinear>[] = Array.from({ length: layers }, (_, l) => ({
     attnNorm: attnNorm[l],
     ffnNorm: ffnNorm[l],
     proj: { q: wq[l], k: wk[l], v: wv[l], o: wo[l], gate: w1[l], down: w2[l], up: w3[l] },
@@ -117,7 +120,7 @@ export function parseLlama2c(buf: Buffer, path: string): LlamaWeights {
 }
 
 /** Serialises weights as a llama2.c v1 ("ak42") file; float projections only. */
-export function serializeLlama2cV1(w: LlamaWeights): Buffer {
+export function serializeLlama2cV1(w: LlamaWeights<LoadedLinear>): Buffer {
   const { dim, hidden, layers, heads, kvHeads, vocab, context, tiedClassifier } = w.config;
   const header = Buffer.alloc(256);
   header.writeUInt32LE(LLAMA2C_MAGIC, 0);
@@ -127,13 +130,13 @@ export function serializeLlama2cV1(w: LlamaWeights): Buffer {
   const mat = (p: 'q' | 'k' | 'v' | 'o' | 'gate' | 'down' | 'up') =>
     w.blocks.map((b, l) => {
       const lin = b.proj[p];
-      if (lin.kind !== 'float') throw new QaloraError(`llama2.c export: block ${l} projection ${p} is quantized; llama2.c v1 holds float weights only`);
-      return lin.w;
+      if (lin.kind === 'quant') throw new QaloraError(`llama2.c export: block ${l} projection ${p} is quantized; llama2.c v1 holds float weights only`);
+      return lin.kind === 'file' ? lin.readFloat() : lin.w;
     });
   const arrays: Float32Array[] = [
-    ...w.blocks.map((b) => b.attnNorm), ...w.blocks.map((b) => b.ffnNorm), w.finalNorm, w.tokEmbedding,
+    ...w.blocks.map((b) => b.attnNorm), ...w.blocks.map((b) => b.ffnNorm), w.finalNorm, denseTable(w.tokEmbedding),
     ...mat('q'), ...mat('k'), ...mat('v'), ...mat('o'), ...mat('gate'), ...mat('down'), ...mat('up'),
-    ...(tiedClassifier ? [] : [w.classifier]),
+    ...(tiedClassifier ? [] : [denseTable(w.classifier)]),
   ];
   return Buffer.concat([header, ...arrays.map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength))]);
 }

@@ -3,7 +3,7 @@ import { existsSync, openSync, readSync, closeSync, statSync } from 'node:fs';
 import { dirname, extname, join } from 'node:path';
 import type { QaloraSettings } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
-import type { LlamaWeights } from '../model/types.ts';
+import type { LlamaWeights, LoadedLinear } from '../model/types.ts';
 import type { Tokenizer } from '../tokenizer/types.ts';
 import { readLlama2cTokenizer } from '../tokenizer/llama2c.ts';
 import { GGUF_MAGIC, readGguf } from './gguf.ts';
@@ -13,7 +13,8 @@ import { readLlama2c } from './llama2c.ts';
 export type ModelFormat = 'llama2c' | 'gguf' | 'hf' | 'gptq';
 
 export interface LoadedModel {
-  weights: LlamaWeights;
+  /** Projections may still be in the file (FileLinear); LlamaModel.create reads them one at a time. */
+  weights: LlamaWeights<LoadedLinear>;
   tokenizer: Tokenizer;
   format: ModelFormat;
 }
@@ -21,9 +22,7 @@ export interface LoadedModel {
 export interface LoadOptions {
   /** A tokenizer file (tokenizer.bin, tokenizer.json, tokenizer.model, .gguf) overriding the one found with the model. */
   tokenizer?: string;
-  /** GGUF: keep Q4_0 / Q4_1 / Q8_0 projections as QuantLinear bases instead of dequantizing them. */
-  keepQuantized?: boolean;
-  /** Adapter settings of QuantLinear layers read from GPTQ or kept GGUF (bits and group come from the file). */
+  /** Adapter settings of QuantLinear layers read from GPTQ (bits and group come from the file). */
   quantSettings?: Partial<QaloraSettings>;
 }
 
@@ -82,7 +81,7 @@ function llama2cTokenizerBeside(model: string, vocab: number): string {
 
 export async function loadModel(path: string, opts: LoadOptions = {}): Promise<LoadedModel> {
   const format = detectFormat(path);
-  let weights: LlamaWeights;
+  let weights: LlamaWeights<LoadedLinear>;
   let tokenizer: Tokenizer | undefined;
   switch (format) {
     case 'llama2c':
@@ -91,7 +90,7 @@ export async function loadModel(path: string, opts: LoadOptions = {}): Promise<L
       break;
     case 'gguf': {
       const f = readGguf(path);
-      weights = ggufToLlama(f, { quantized: opts.keepQuantized ? 'keep' : 'dequantize', settings: opts.quantSettings });
+      weights = ggufToLlama(f);
       if (!opts.tokenizer) {
         if (!f.metadata.has('tokenizer.ggml.tokens')) throw new QaloraError(`${path}: the GGUF file carries no tokenizer (tokenizer.ggml.*); pass --tokenizer`);
         tokenizer = ggufTokenizer(f);

@@ -3,8 +3,8 @@
 // quantization (RTN or GPTQ, which takes minutes on big models) is done once and reloaded bit for bit.
 import { PROJECTIONS, type Bits, type ActDType, type Pool } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
-import { asF32, readSafetensors, tensorOf, writeSafetensors, type SafeTensor } from '../safetensors.ts';
-import type { BlockWeights, Linear, LlamaConfig, LlamaWeights, ProjectionName, QuantLinear } from './types.ts';
+import { openSafetensors, readTensor, tensorOf, writeSafetensors, type SafeTensor, type StoredTensor } from '../safetensors.ts';
+import type { BlockWeights, Linear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear, TokenTable } from './types.ts';
 
 export const BASE_FORMAT = 'qalora-base';
 const BASE_VERSION = '1';
@@ -13,46 +13,57 @@ export function saveQuantizedBase(path: string, w: LlamaWeights, extra: Record<s
   const c = w.config;
   const t = new Map<string, SafeTensor>();
   const settings: Record<string, QuantLinear['settings']> = {};
-  t.set('tok_embeddings', tensorOf('F32', [c.vocab, c.dim], w.tokEmbedding));
+  // Quantized token tables are stored like quant projections, under their own names (settings included).
+  const linear = (name: string, lin: Linear) => {
+    if (lin.kind === 'float') {
+      t.set(`${name}.weight`, tensorOf('F32', [lin.out, lin.in], lin.w));
+      return;
+    }
+    settings[name] = lin.settings;
+    const groups = lin.in / lin.settings.group;
+    t.set(`${name}.qweight`, tensorOf('U32', [lin.out, lin.qweight.length / lin.out], lin.qweight));
+    t.set(`${name}.alpha`, tensorOf('F32', [lin.out, groups], lin.alpha));
+    t.set(`${name}.beta`, tensorOf('F32', [lin.out, groups], lin.beta));
+  };
+  const table = (name: string, tt: TokenTable) => {
+    if (tt instanceof Float32Array) t.set(name, tensorOf('F32', [c.vocab, c.dim], tt));
+    else linear(name, tt);
+  };
+  table('tok_embeddings', w.tokEmbedding);
   w.blocks.forEach((b, l) => {
     t.set(`layers.${l}.attention_norm`, tensorOf('F32', [c.dim], b.attnNorm));
     t.set(`layers.${l}.ffn_norm`, tensorOf('F32', [c.dim], b.ffnNorm));
-    for (const p of PROJECTIONS) {
-      const lin = b.proj[p], name = `layers.${l}.${p}`;
-      if (lin.kind === 'float') {
-        t.set(`${name}.weight`, tensorOf('F32', [lin.out, lin.in], lin.w));
-        continue;
-      }
-      settings[name] = lin.settings;
-      const groups = lin.in / lin.settings.group;
-      t.set(`${name}.qweight`, tensorOf('U32', [lin.out, lin.qweight.length / lin.out], lin.qweight));
-      t.set(`${name}.alpha`, tensorOf('F32', [lin.out, groups], lin.alpha));
-      t.set(`${name}.beta`, tensorOf('F32', [lin.out, groups], lin.beta));
-    }
+    for (const p of PROJECTIONS) linear(`layers.${l}.${p}`, b.proj[p]);
   });
   t.set('norm', tensorOf('F32', [c.dim], w.finalNorm));
-  if (!c.tiedClassifier) t.set('output', tensorOf('F32', [c.vocab, c.dim], w.classifier));
+  if (!c.tiedClassifier) table('output', w.classifier);
   writeSafetensors(path, t, { ...extra, format: BASE_FORMAT, version: BASE_VERSION, config: JSON.stringify(c), layers: JSON.stringify(settings) });
 }
 
 /** True when the file is a safetensors file written by saveQuantizedBase. */
 export function isQuantizedBase(path: string): boolean {
   try {
-    return readSafetensors(path).metadata.format === BASE_FORMAT;
+    const f = openSafetensors(path); // the header alone
+    f.close();
+    return f.metadata.format === BASE_FORMAT;
   } catch {
     return false;
   }
 }
 
-export function loadQuantizedBase(path: string): { weights: LlamaWeights; metadata: Record<string, string> } {
-  const f = readSafetensors(path);
+/**
+ * Opens a base file one tensor at a time: quant layers are read now, straight into their final arrays (they are
+ * used as they are, with the settings the file records); float projections stay in the file (FileLinear).
+ */
+export function loadQuantizedBase(path: string): { weights: LlamaWeights<LoadedLinear>; metadata: Record<string, string> } {
+  const f = openSafetensors(path);
   const md = f.metadata;
   if (md.format !== BASE_FORMAT) throw new QaloraError(`${path}: not a qalora quantized base (metadata format is ${JSON.stringify(md.format)}, expected "${BASE_FORMAT}")`);
   if (md.version !== BASE_VERSION) throw new QaloraError(`${path}: quantized base version ${md.version} is not supported (expected ${BASE_VERSION})`);
   const config = parseJson<LlamaConfig>(md.config, path, 'config');
   const settings = parseJson<Record<string, QuantLinear['settings']>>(md.layers, path, 'layers');
   const c = config;
-  const tensor = (name: string, shape: number[]): SafeTensor => {
+  const tensor = (name: string, shape: number[]): StoredTensor => {
     const x = f.tensors.get(name);
     if (!x) throw new QaloraError(`${path}: tensor '${name}' is missing`);
     if (x.shape.length !== shape.length || x.shape.some((d, i) => d !== shape[i])) {
@@ -60,11 +71,13 @@ export function loadQuantizedBase(path: string): { weights: LlamaWeights; metada
     }
     return x;
   };
-  const f32 = (name: string, shape: number[]) => {
+  const f32Tensor = (name: string, shape: number[]): StoredTensor => {
     const x = tensor(name, shape);
     if (x.dtype !== 'F32') throw new QaloraError(`${path}: tensor '${name}' is ${x.dtype}, expected F32`);
-    return asF32(x).slice();
+    return x;
   };
+  // read() gives each tensor its own aligned array: the typed view is the final array, no second copy.
+  const f32 = (name: string, shape: number[]) => new Float32Array(f32Tensor(name, shape).read().buffer);
   const dims = (p: ProjectionName): [number, number] => {
     const hd = c.dim / c.heads;
     switch (p) {
@@ -74,32 +87,39 @@ export function loadQuantizedBase(path: string): { weights: LlamaWeights; metada
       case 'down': return [c.dim, c.hidden];
     }
   };
-  const blocks: BlockWeights[] = [];
+  const quant = (name: string, out: number, inF: number, s: QuantLinear['settings']): QuantLinear => {
+    checkSettings(s, name, inF, path);
+    const qt = tensor(`${name}.qweight`, [out, Math.ceil(inF / 32) * s.bits]);
+    if (qt.dtype !== 'U32') throw new QaloraError(`${path}: tensor '${name}.qweight' is ${qt.dtype}, expected U32`);
+    const groups = inF / s.group;
+    return {
+      kind: 'quant', out, in: inF, settings: s,
+      qweight: new Uint32Array(qt.read().buffer),
+      alpha: f32(`${name}.alpha`, [out, groups]), beta: f32(`${name}.beta`, [out, groups]),
+    };
+  };
+  const table = (name: string): TokenTable => (settings[name] ? quant(name, c.vocab, c.dim, settings[name]) : f32(name, [c.vocab, c.dim]));
+  const blocks: BlockWeights<LoadedLinear>[] = [];
   for (let l = 0; l < c.layers; l++) {
-    const proj = {} as Record<ProjectionName, Linear>;
+    const proj = {} as Record<ProjectionName, LoadedLinear>;
     for (const p of PROJECTIONS) {
       const name = `layers.${l}.${p}`, [out, inF] = dims(p), s = settings[name];
-      if (!s) {
-        proj[p] = { kind: 'float', out, in: inF, w: f32(`${name}.weight`, [out, inF]) };
+      if (s) {
+        proj[p] = quant(name, out, inF, s);
         continue;
       }
-      checkSettings(s, name, inF, path);
-      const qt = tensor(`${name}.qweight`, [out, Math.ceil(inF / 32) * s.bits]);
-      if (qt.dtype !== 'U32') throw new QaloraError(`${path}: tensor '${name}.qweight' is ${qt.dtype}, expected U32`);
-      const groups = inF / s.group;
-      proj[p] = {
-        kind: 'quant', out, in: inF, settings: s,
-        qweight: new Uint32Array(qt.data.slice().buffer),
-        alpha: f32(`${name}.alpha`, [out, groups]), beta: f32(`${name}.beta`, [out, groups]),
-      };
+      const wt = f32Tensor(`${name}.weight`, [out, inF]);
+      proj[p] = { kind: 'file', out, in: inF, fileType: 'F32', source: `${path}: tensor '${wt.name}'`, readFloat: () => new Float32Array(wt.read().buffer) };
     }
     blocks.push({ attnNorm: f32(`layers.${l}.attention_norm`, [c.dim]), ffnNorm: f32(`layers.${l}.ffn_norm`, [c.dim]), proj });
   }
-  const tokEmbedding = f32('tok_embeddings', [c.vocab, c.dim]);
-  const weights: LlamaWeights = {
+  const tokEmbedding = table('tok_embeddings');
+  const weights: LlamaWeights<LoadedLinear> = {
     config, tokEmbedding, blocks, finalNorm: f32('norm', [c.dim]),
-    classifier: c.tiedClassifier ? tokEmbedding : f32('output', [c.vocab, c.dim]),
+    classifier: c.tiedClassifier ? tokEmbedding : table('output'),
   };
+  // Everything is read unless a float projection stays in the file: then the file stays open for it.
+  if (!blocks.some((b) => PROJECTIONS.some((p) => b.proj[p].kind === 'file'))) f.close();
   return { weights, metadata: md };
 }
 

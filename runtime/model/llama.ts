@@ -4,8 +4,8 @@
 //
 // Public surface used by train/, merge, export/ and serve/: keep it stable.
 
-import type { ResolvedSpec } from '../../dsl/resolved.ts';
-import type { AdapterSet, BackendName, LlamaConfig, LlamaWeights } from './types.ts';
+import type { QaloraSettings, ResolvedSpec } from '../../dsl/resolved.ts';
+import type { AdapterSet, BackendName, LlamaConfig, LlamaWeights, LoadedLinear } from './types.ts';
 import { QaloraError } from '../errors.ts';
 import { Runner, type RunnerOptions } from './runner.ts';
 import { KvSession } from './session.ts';
@@ -30,6 +30,13 @@ export interface CreateOptions {
   calib?: CalibrationSource;
   /** Seed of the adapters' Xavier-uniform A init (B starts at zero). Default 0. */
   seed?: number;
+  /**
+   * Adapter settings of projections whose file stores exact blocks (GGUF Q4_0/Q4_1/Q8_0) when no spec is given:
+   * over the defaults (rank 64, alpha 16, …). Inference without an adapter passes { rank: 0 }.
+   */
+  inferred?: Partial<QaloraSettings>;
+  /** File blocks whose bits or group differ from the spec's are an error unless this is set: then they are dequantized and quantized again. */
+  requantize?: boolean;
   /** Called as quantization proceeds (layer index, total layers), e.g. for a progress bar. */
   onProgress?: (done: number, total: number, what: string) => void;
 }
@@ -81,7 +88,7 @@ export class LlamaModel {
   }
 
   /** Build a model: load the native ops, quantize float layers into the spec, initialise adapters. */
-  static async create(weights: LlamaWeights, opts: CreateOptions): Promise<LlamaModel> {
+  static async create(weights: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<LlamaModel> {
     const prepared = await prepareWeights(weights, opts);
     const runnerOpts: RunnerOptions = { backend: opts.backend };
     const runner = new Runner(prepared.weights, prepared.native, runnerOpts);

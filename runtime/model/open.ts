@@ -3,9 +3,10 @@
 import type { ResolvedSpec } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
 import type { Tokenizer } from '../tokenizer/types.ts';
-import { LlamaModel, type CalibrationSource } from './llama.ts';
+import { LlamaModel, type CalibrationSource, type CreateOptions } from './llama.ts';
+import { describeSpec } from './prepare.ts';
 import { isQuantizedBase, loadQuantizedBase } from './basefile.ts';
-import type { AdapterSet, BackendName, LlamaWeights } from './types.ts';
+import type { AdapterSet, BackendName, LlamaWeights, LoadedLinear } from './types.ts';
 
 export { specForBackend } from './native-ops.ts';
 
@@ -21,6 +22,10 @@ export interface OpenOptions {
   /** Calibration token sequences for GPTQ (or a function building them once the tokenizer is known). */
   calib?: CalibrationSource | ((tok: Tokenizer, config: LlamaWeights['config']) => CalibrationSource);
   seed?: number;
+  /** Adapter settings for a quantized file opened without a spec (LlamaModel CreateOptions.inferred). */
+  inferred?: CreateOptions['inferred'];
+  /** Re-quantize file blocks whose bits or group differ from the spec's (lossy) instead of failing. */
+  requantize?: boolean;
   onProgress?: (done: number, total: number, what: string) => void;
 }
 
@@ -28,6 +33,8 @@ export interface OpenedModel {
   model: LlamaModel;
   tokenizer: Tokenizer;
   weights: LlamaWeights;
+  /** Set when no spec was given and the file's quantized blocks implied one: what runs, one line per projection. */
+  impliedSpec?: string;
 }
 
 export async function openModel(o: OpenOptions): Promise<OpenedModel> {
@@ -39,7 +46,7 @@ export async function openModel(o: OpenOptions): Promise<OpenedModel> {
   } else {
     spec = o.spec;
   }
-  let weights: LlamaWeights, tokenizer: Tokenizer;
+  let weights: LlamaWeights<LoadedLinear>, tokenizer: Tokenizer;
   const { loadModel, loadTokenizer } = await import('../formats/load.ts');
   if (o.model.endsWith('.safetensors') && isQuantizedBase(o.model)) {
     weights = loadQuantizedBase(o.model).weights;
@@ -56,6 +63,9 @@ export async function openModel(o: OpenOptions): Promise<OpenedModel> {
     adapters = loadPeftAdapter(o.adapter, { model: weights.config }).adapters;
   }
   const calib = typeof o.calib === 'function' ? o.calib(tokenizer, weights.config) : o.calib;
-  const model = await LlamaModel.create(weights, { backend, spec, adapters, quantize: o.quantize, calib, seed: o.seed, onProgress: o.onProgress });
-  return { model, tokenizer, weights: model.weights };
+  const model = await LlamaModel.create(weights, {
+    backend, spec, adapters, quantize: o.quantize, calib, seed: o.seed, onProgress: o.onProgress, inferred: o.inferred, requantize: o.requantize,
+  });
+  const impliedSpec = !spec && model.spec ? describeSpec(model.spec) : undefined;
+  return { model, tokenizer, weights: model.weights, impliedSpec };
 }

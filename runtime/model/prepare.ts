@@ -2,8 +2,10 @@
 // the spec's layout (round-to-nearest here, or GPTQ on calibration activations), adapters initialised or checked.
 import { PROJECTIONS, type ResolvedLayer, type ResolvedSpec } from '../../dsl/resolved.ts';
 import type { CreateOptions } from './llama.ts';
-import type { AdapterSet, BackendName, BlockWeights, Linear, LlamaWeights, ProjectionName, QuantLinear } from './types.ts';
-import { DEFAULT_CUDA_ARCHS } from '../../dsl/defaults.ts';
+import type { Bits, QaloraSettings } from '../../dsl/resolved.ts';
+import type { AdapterSet, BackendName, BlockWeights, FileLinear, FloatLinear, Linear, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear } from './types.ts';
+import { tableSize } from './types.ts';
+import { DEFAULT_CUDA_ARCHS, DEFAULT_SETTINGS } from '../../dsl/defaults.ts';
 import { createHash } from 'node:crypto';
 import { loadNativeOps, specializationId, type NativeOps } from './native-ops.ts';
 import { checkAdapters, initAdapters } from './adapters.ts';
@@ -21,22 +23,30 @@ export interface Prepared {
   native: NativeOps;
 }
 
-export async function prepareWeights(weights: LlamaWeights, opts: CreateOptions): Promise<Prepared> {
-  checkConfig(weights);
-  // A quantized model (our base file, a GPTQ checkpoint) without a spec runs with the settings it carries.
-  const spec = opts.spec ?? specOfQuantized(weights, opts.backend);
-  if (spec) checkShape(weights, spec);
-  const native = await loadNativeOps(spec, opts.backend);
-  let out = weights;
-  if (spec) {
-    const layers = layerSettings(spec);
-    const method = opts.quantize ?? 'rtn';
-    if (method === 'gptq') {
-      const { quantizeGptq } = await import('./gptq-calib.ts');
-      out = await quantizeGptq(weights, layers, native, opts);
-    } else {
-      out = quantizeRtn(weights, layers, native, opts.onProgress);
-    }
+export async function prepareWeights(loaded: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<Prepared> {
+  checkConfig(loaded);
+  // A quantized model (GGUF blocks, GPTQ, our base file) without a spec runs with the settings it carries.
+  const spec = opts.spec ?? specOfQuantized(loaded, opts.backend, opts.inferred);
+  if (spec) checkShape(loaded, spec);
+  const native = await loadNativeOps(nativeSpec(spec, loaded), opts.backend);
+  const layers = spec ? layerSettings(spec) : new Map<ProjectionName, ResolvedLayer>();
+  let out: LlamaWeights;
+  if (spec && opts.quantize === 'gptq') {
+    // GPTQ runs the float model on calibration data: every projection it quantizes is needed in fp32 at once.
+    const { quantizeGptq } = await import('./gptq-calib.ts');
+    out = await quantizeGptq(resolveFileLinears(loaded, layers, opts, () => null), layers, native, opts);
+  } else {
+    const total = loaded.blocks.length * layers.size;
+    let done = 0;
+    // One tensor at a time: a float projection is read, quantized and dropped before the next is read.
+    out = resolveFileLinears(loaded, layers, opts, (w, lin, s, where) => {
+      const q = emptyQuant(lin.out, lin.in, s);
+      const k = native.kernels[specializationId(s)];
+      if (!k) throw new QaloraError(`no ${native.backend} kernels for ${specializationId(s)} (layer ${s.name})`);
+      k.quantize(w, lin.out, lin.in, q.qweight, q.alpha, q.beta);
+      opts.onProgress?.(++done, total, where);
+      return q;
+    });
   }
   const adapters = opts.adapters ?? initAdapters(out, opts.seed ?? 0);
   checkAdapters(out, adapters);
@@ -44,23 +54,86 @@ export async function prepareWeights(weights: LlamaWeights, opts: CreateOptions)
 }
 
 /**
- * The spec a quantized model implies: each projection's settings as stored (the same in every block), no
- * adapter unless the layers carry a rank. Undefined for a float model.
+ * Every projection in its final form. A projection the spec names: quant layers are kept (and checked); file
+ * blocks that are the spec's bits and group are read as the base exactly; blocks of other bits or group are an
+ * error naming both, unless `requantize`; float weights are read in fp32 and handed to `quantize` (null: keep
+ * them float, for GPTQ). A projection the spec does not name is read in fp32.
  */
-export function specOfQuantized(w: LlamaWeights, backend: BackendName): ResolvedSpec | undefined {
+function resolveFileLinears(
+  loaded: LlamaWeights<LoadedLinear>, layers: Map<ProjectionName, ResolvedLayer>, opts: CreateOptions,
+  quantize: (w: Float32Array, lin: FileLinear | FloatLinear, s: ResolvedLayer, where: string) => QuantLinear | null,
+): LlamaWeights {
+  const blocks = loaded.blocks.map((blk, l) => {
+    const proj = {} as Record<ProjectionName, Linear>;
+    for (const p of PROJECTIONS) {
+      const lin = blk.proj[p], s = layers.get(p), where = `layers.${l}.${p}`;
+      if (!s) {
+        proj[p] = lin.kind === 'file' ? { kind: 'float', out: lin.out, in: lin.in, w: lin.readFloat() } : lin;
+        continue;
+      }
+      checkLayerFits(lin, s, where);
+      if (lin.kind === 'quant') {
+        const q = lin.settings;
+        if (q.bits !== s.bits || q.group !== s.group) {
+          throw new QaloraError(`${where}: the layer is already quantized at ${q.bits} bits, group ${q.group}; the spec asks for ${s.bits} bits, group ${s.group}`);
+        }
+        proj[p] = { ...lin, settings: settingsOf(s) };
+        continue;
+      }
+      if (lin.kind === 'file' && lin.quant) {
+        if (lin.quant.bits === s.bits && lin.quant.group === s.group) {
+          proj[p] = lin.quant.read(settingsOf(s));
+          continue;
+        }
+        if (!opts.requantize) {
+          throw new QaloraError(`${lin.source} stores ${lin.fileType} blocks (${lin.quant.bits} bits, group ${lin.quant.group}) but the spec asks for ${s.bits} bits, group ${s.group} at ${where}; ` +
+            `drop --spec to fine-tune the file's blocks as they are, or pass --requantize to dequantize and quantize again (lossy)`);
+        }
+      }
+      const w = lin.kind === 'file' ? lin.readFloat() : lin.w;
+      proj[p] = quantize(w, lin, s, where) ?? { kind: 'float', out: lin.out, in: lin.in, w };
+    }
+    return { ...blk, proj };
+  });
+  return { ...loaded, blocks };
+}
+
+function checkLayerFits(lin: LoadedLinear, s: ResolvedLayer, where: string): void {
+  if (lin.in !== s.inFeatures || lin.out !== s.outFeatures) {
+    throw new QaloraError(`${where}: the model's layer is [${lin.out}, ${lin.in}] but the spec's '${s.name}' is [${s.outFeatures}, ${s.inFeatures}]`);
+  }
+  if (lin.in % s.group !== 0) throw new QaloraError(`${where}: group ${s.group} does not divide in_features ${lin.in}`);
+}
+
+/** The bits and group a loaded projection already has (quant layers, exact file blocks); null for float. */
+function storedQuant(lin: LoadedLinear): { bits: Bits; group: number; settings?: QuantLinear['settings'] } | null {
+  if (lin.kind === 'quant') return { bits: lin.settings.bits, group: lin.settings.group, settings: lin.settings };
+  if (lin.kind === 'file' && lin.quant) return { bits: lin.quant.bits, group: lin.quant.group };
+  return null;
+}
+
+/**
+ * The spec a quantized model implies: each projection's bits and group as stored (the same in every block) and
+ * the adapter settings it carries, or `inferred` over the defaults for file blocks (GGUF, which has none).
+ * Undefined for a float model.
+ */
+export function specOfQuantized(w: LlamaWeights<LoadedLinear>, backend: BackendName, inferred: Partial<QaloraSettings> = {}): ResolvedSpec | undefined {
   const layers: ResolvedLayer[] = [];
   for (const p of PROJECTIONS) {
-    const first = w.blocks[0]?.proj[p];
-    if (!first || first.kind !== 'quant') {
-      if (w.blocks.some((b) => b.proj[p].kind === 'quant')) throw new QaloraError(`projection ${p} is quantized in some blocks only; give a spec (--spec)`);
+    const first = w.blocks[0] ? storedQuant(w.blocks[0].proj[p]) : null;
+    if (!first) {
+      if (w.blocks.some((b) => storedQuant(b.proj[p]))) throw new QaloraError(`projection ${p} is quantized in some blocks only; give a spec (--spec)`);
       continue;
     }
+    const settings: QuantLinear['settings'] = first.settings ?? { ...DEFAULT_SETTINGS, ...inferred, bits: first.bits, group: first.group };
     w.blocks.forEach((b, l) => {
-      const lin = b.proj[p];
-      const same = lin.kind === 'quant' && (Object.keys(first.settings) as Array<keyof QuantLinear['settings']>).every((k) => lin.settings[k] === first.settings[k]);
+      const q = storedQuant(b.proj[p]);
+      const same = q && q.bits === first.bits && q.group === first.group &&
+        (!q.settings || (Object.keys(settings) as Array<keyof QuantLinear['settings']>).every((k) => q.settings![k] === settings[k]));
       if (!same) throw new QaloraError(`layers.${l}.${p} is quantized differently from layers.0.${p}; give a spec (--spec)`);
     });
-    layers.push({ ...first.settings, name: p, projection: p, inFeatures: first.in, outFeatures: first.out, count: w.blocks.length });
+    const lin = w.blocks[0].proj[p];
+    layers.push({ ...settings, name: p, projection: p, inFeatures: lin.in, outFeatures: lin.out, count: w.blocks.length });
   }
   if (layers.length === 0) return undefined;
   const c = w.config;
@@ -73,7 +146,31 @@ export function specOfQuantized(w: LlamaWeights, backend: BackendName): Resolved
   };
 }
 
-function checkConfig(w: LlamaWeights): void {
+/** One line per projection of an implied spec, for the user to see what runs (and copy into a spec file). */
+export function describeSpec(spec: ResolvedSpec): string {
+  return spec.layers.map((l) => `${l.name}: bits ${l.bits} group ${l.group} rank ${l.rank} alpha ${l.alpha} dropout ${l.dropout} pool ${l.pool} dtype ${l.dtype}`).join('\n');
+}
+
+/**
+ * The spec the native build needs: the model's spec plus the kernels of quantized token tables (a GGUF
+ * embedding or classifier kept in its blocks runs through the rank-0 QA-LoRA kernels). The recorded spec
+ * (model.spec, merged files' metadata) stays the model's own.
+ */
+function nativeSpec(spec: ResolvedSpec | undefined, w: LlamaWeights<LoadedLinear>): ResolvedSpec | undefined {
+  const tables: ResolvedLayer[] = [];
+  const add = (name: string, t: LlamaWeights<LoadedLinear>['tokEmbedding']) => {
+    if (t instanceof Float32Array) return;
+    tables.push({ ...t.settings, name, inFeatures: t.in, outFeatures: t.out, count: 1 });
+  };
+  add('tok_embeddings', w.tokEmbedding);
+  if (w.classifier !== w.tokEmbedding) add('classifier', w.classifier);
+  if (tables.length === 0) return spec;
+  const base: ResolvedSpec = spec ?? { name: 'tables', file: '<token tables>', layers: [], targets: { cpu: true, cuda: null } };
+  const key = createHash('sha256').update(JSON.stringify(tables.map((t) => specializationId(t)))).digest('hex').slice(0, 8);
+  return { ...base, name: `${base.name}_t${key}`, layers: [...base.layers, ...tables] };
+}
+
+function checkConfig(w: LlamaWeights<LoadedLinear>): void {
   const c = w.config;
   if (c.dim % c.heads !== 0) throw new QaloraError(`dim ${c.dim} is not a multiple of heads ${c.heads}`);
   if (c.heads % c.kvHeads !== 0) throw new QaloraError(`heads ${c.heads} is not a multiple of kvHeads ${c.kvHeads}`);
@@ -83,8 +180,8 @@ function checkConfig(w: LlamaWeights): void {
   const expect = (name: string, got: number, want: number) => {
     if (got !== want) throw new QaloraError(`weights: ${name} has ${got} values, expected ${want}`);
   };
-  expect('tok_embeddings', w.tokEmbedding.length, c.vocab * c.dim);
-  expect('classifier', w.classifier.length, c.vocab * c.dim);
+  expect('tok_embeddings', tableSize(w.tokEmbedding), c.vocab * c.dim);
+  expect('classifier', tableSize(w.classifier), c.vocab * c.dim);
   expect('final norm', w.finalNorm.length, c.dim);
   const kv = (c.dim / c.heads) * c.kvHeads;
   const shape: Record<ProjectionName, [number, number]> = { q: [c.dim, c.dim], k: [kv, c.dim], v: [kv, c.dim], o: [c.dim, c.dim], gate: [c.hidden, c.dim], up: [c.hidden, c.dim], down: [c.dim, c.hidden] };
@@ -99,6 +196,7 @@ function checkConfig(w: LlamaWeights): void {
         expect(`${name}.weight`, lin.w.length, out * inF);
         continue;
       }
+      if (lin.kind === 'file') continue; // its reader checked the tensor against the file
       const groups = inF / lin.settings.group;
       if (!Number.isInteger(groups)) throw new QaloraError(`weights: ${name}: group ${lin.settings.group} does not divide in_features ${inF}`);
       expect(`${name}.qweight`, lin.qweight.length, out * Math.ceil(inF / 32) * lin.settings.bits);
@@ -108,7 +206,7 @@ function checkConfig(w: LlamaWeights): void {
   });
 }
 
-function checkShape(w: LlamaWeights, spec: ResolvedSpec): void {
+function checkShape(w: LlamaWeights<LoadedLinear>, spec: ResolvedSpec): void {
   const m = spec.model;
   if (!m) return;
   const c = w.config;
@@ -165,18 +263,4 @@ export function emptyQuant(out: number, inF: number, s: ResolvedLayer): QuantLin
     kind: 'quant', out, in: inF, settings: settingsOf(s),
     qweight: new Uint32Array(out * words), alpha: new Float32Array(out * groups), beta: new Float32Array(out * groups),
   };
-}
-
-function quantizeRtn(weights: LlamaWeights, layers: Map<ProjectionName, ResolvedLayer>, native: NativeOps, onProgress?: CreateOptions['onProgress']): LlamaWeights {
-  const total = weights.blocks.length * layers.size;
-  let done = 0;
-  return mapProjections(weights, layers, (lin, s, l, p) => {
-    if (lin.kind !== 'float') throw new Error('unreachable');
-    const q = emptyQuant(lin.out, lin.in, s);
-    const k = native.kernels[specializationId(s)];
-    if (!k) throw new QaloraError(`no ${native.backend} kernels for ${specializationId(s)} (layer ${s.name})`);
-    k.quantize(lin.w, lin.out, lin.in, q.qweight, q.alpha, q.beta);
-    onProgress?.(++done, total, `layers.${l}.${p}`);
-    return q;
-  });
 }

@@ -3,8 +3,9 @@
 // block's input and recomputes the block's activations when it reaches it (activation checkpointing per
 // block), so memory is O(layers·rows·dim) plus one block's intermediates.
 import { PROJECTIONS } from '../../dsl/resolved.ts';
-import type { AdapterSet, LlamaConfig, LlamaWeights, ProjectionName } from './types.ts';
-import type { CoreOps, NativeOps } from './native-ops.ts';
+import type { AdapterSet, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
+import { specializationId, type CoreOps, type NativeOps, type SpecKernels } from './native-ops.ts';
+import { QaloraError } from '../errors.ts';
 import type { GradOptions } from './llama.ts';
 import { LinearOp, type LinearCall } from './linear.ts';
 import { Scratch } from './scratch.ts';
@@ -18,6 +19,13 @@ export interface RunnerOptions {
 /** Fills att [rows, dim] from roped q [rows, dim], k/v [rows, kvDim] of a block. */
 export type Attend = (block: number, q: Float32Array, k: Float32Array, v: Float32Array, att: Float32Array, lse: Float32Array) => void;
 
+const NO_ADAPTER: LinearCall = { training: false, seed: 0 };
+
+/** A token table as the linear layer [vocab, dim] the classifier runs. */
+function tableLinear(t: TokenTable, vocab: number, dim: number): Linear {
+  return t instanceof Float32Array ? { kind: 'float', out: vocab, in: dim, w: t } : t;
+}
+
 /** Logits rows computed per classifier call, so [rows, vocab] never has to exist whole. */
 const CLASSIFIER_CHUNK_FLOATS = 1 << 24;
 
@@ -28,6 +36,10 @@ export class Runner {
   readonly headDim: number;
   readonly kvDim: number;
   private readonly linears: Array<Record<ProjectionName, LinearOp>>;
+  /** logits = xf·classifierᵀ: the core GEMM on an fp32 table, the QA-LoRA kernels (rank 0) on a quantized one. */
+  private readonly classifier: LinearOp;
+  /** The kernels that dequantize rows of a quantized embedding table; undefined for an fp32 table. */
+  private readonly embeddingRows?: SpecKernels;
   private grads?: AdapterSet;
 
   constructor(readonly weights: LlamaWeights, readonly native: NativeOps, readonly opts: RunnerOptions) {
@@ -40,13 +52,31 @@ export class Runner {
       for (const p of PROJECTIONS) ops[p] = new LinearOp(b.proj[p], native, this.scratch, `layers.${l}.${p}`);
       return ops;
     });
+    const { vocab, dim } = this.config;
+    this.classifier = new LinearOp(tableLinear(weights.classifier, vocab, dim), native, this.scratch, 'classifier');
+    const emb = weights.tokEmbedding;
+    if (!(emb instanceof Float32Array)) {
+      this.embeddingRows = native.kernels[specializationId(emb.settings)];
+      if (!this.embeddingRows) throw new QaloraError(`tok_embeddings: no ${native.backend} kernels for ${specializationId(emb.settings)}`);
+    }
   }
 
   // ---- forward ---------------------------------------------------------------------------------------------
 
   embed(tokens: Int32Array, x: Float32Array): void {
     const { vocab, dim } = this.config;
-    this.core.embedding_forward(this.weights.tokEmbedding, tokens, x, tokens.length, vocab, dim);
+    const emb = this.weights.tokEmbedding;
+    if (emb instanceof Float32Array) {
+      this.core.embedding_forward(emb, tokens, x, tokens.length, vocab, dim);
+      return;
+    }
+    // A quantized table: dequantize only the rows looked up (ids were validated by the caller).
+    const wpr = emb.qweight.length / vocab, groups = emb.alpha.length / vocab;
+    for (let i = 0; i < tokens.length; i++) {
+      const r = tokens[i];
+      this.embeddingRows!.dequantize(emb.qweight.subarray(r * wpr, (r + 1) * wpr), emb.alpha.subarray(r * groups, (r + 1) * groups),
+        emb.beta.subarray(r * groups, (r + 1) * groups), 1, dim, x.subarray(i * dim, (i + 1) * dim));
+    }
   }
 
   private call(adapters: AdapterSet, l: number, p: ProjectionName, training: boolean, seed: number): LinearCall {
@@ -98,8 +128,7 @@ export class Runner {
 
   /** logits [m, vocab] = xf·classifierᵀ. */
   classify(xf: Float32Array, m: number, out: Float32Array): void {
-    const { dim, vocab } = this.config;
-    this.core.gemm(xf, this.weights.classifier, out, m, vocab, dim, false, true, false);
+    this.classifier.forward(xf, out, m, NO_ADAPTER);
   }
 
   private trainingAttend(batch: number, seqLen: number): Attend {
@@ -165,7 +194,7 @@ export class Runner {
         continue;
       }
       total += this.core.cross_entropy_backward(logits, ts, n, vocab, 1, logits);
-      this.core.gemm(logits, this.weights.classifier, dxf.subarray(r0 * dim, (r0 + n) * dim), n, dim, vocab, false, false, false);
+      this.classifier.backward(xs, logits, dxf.subarray(r0 * dim, (r0 + n) * dim), n, NO_ADAPTER, false);
     }
     return total;
   }

@@ -31,6 +31,34 @@ export interface QuantLinear {
 
 export type Linear = FloatLinear | QuantLinear;
 
+/**
+ * A projection still in its checkpoint: nothing is read until the model is prepared, and then one tensor at a
+ * time, so a float checkpoint is quantized at a peak of the quantized model plus one tensor in fp32, and a
+ * quantized file becomes a QA-LoRA base without a float round trip. Loaders produce these; prepareWeights()
+ * (runtime/model/prepare.ts) turns every one into a FloatLinear or a QuantLinear.
+ */
+export interface FileLinear {
+  kind: 'file';
+  out: number;
+  in: number;
+  /** What the file stores, for messages: 'F32', 'F16', 'BF16', 'Q4_1', 'GPTQ 4-bit g128', … */
+  fileType: string;
+  /** Where it is, for messages: "model.gguf: tensor 'blk.0.attn_q.weight'". */
+  source: string;
+  /** The file's values as W [out, in] in fp32 (dequantized or widened); a fresh array on every call. */
+  readFloat(): Float32Array;
+  /** Present when the file's blocks are a QA-LoRA base exactly (GGUF Q4_0/Q4_1/Q8_0, GPTQ, our base files). */
+  quant?: {
+    bits: QaloraSettings['bits'];
+    group: number;
+    /** The base (q, α, β) with these adapter settings; bits and group stay the file's. */
+    read(settings: Partial<QaloraSettings>): QuantLinear;
+  };
+}
+
+/** What a loader hands over: projections may still be in the file. */
+export type LoadedLinear = Linear | FileLinear;
+
 /** Low-rank adapter of one linear layer: A [rank, in/g], B [out, rank]; scale s = alpha / rank. */
 export interface Adapter {
   rank: number;
@@ -41,19 +69,33 @@ export interface Adapter {
 
 export type ProjectionName = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down';
 
-export interface BlockWeights {
+/** A block's weights; L = LoadedLinear while projections may still be in the file (a loader's output). */
+export interface BlockWeights<L extends LoadedLinear = Linear> {
   attnNorm: Float32Array;
   ffnNorm: Float32Array;
   /** q and k rows in the Meta layout: RoPE rotates adjacent pairs (2i, 2i+1). */
-  proj: Record<ProjectionName, Linear>;
+  proj: Record<ProjectionName, L>;
 }
 
-export interface LlamaWeights {
+/**
+ * The token embedding or the classifier, [vocab, dim]: fp32, or kept in the file's group-32 blocks (GGUF
+ * Q4_0/Q4_1/Q8_0 map exactly onto a rank-0 QuantLinear with out = vocab, in = dim). The classifier then runs
+ * through the quantized kernels and the embedding dequantizes only the rows it looks up — at 32 000 × 2048
+ * the fp32 table alone would be 262 MB read per token.
+ */
+export type TokenTable = Float32Array | QuantLinear;
+
+export interface LlamaWeights<L extends LoadedLinear = Linear> {
   config: LlamaConfig;
-  tokEmbedding: Float32Array; // [vocab, dim]
-  blocks: BlockWeights[];
+  tokEmbedding: TokenTable; // [vocab, dim]
+  blocks: BlockWeights<L>[];
   finalNorm: Float32Array;
-  classifier: Float32Array; // [vocab, dim]; the same array as tokEmbedding when tied
+  classifier: TokenTable; // [vocab, dim]; the same object as tokEmbedding when tied
+}
+
+/** Values in a token table: vocab·dim for both kinds. */
+export function tableSize(t: TokenTable): number {
+  return t instanceof Float32Array ? t.length : t.out * t.in;
 }
 
 /** Adapters by block index and projection. */

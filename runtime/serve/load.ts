@@ -2,7 +2,7 @@
 // name (vLLM's --lora-modules name=path), the chat template; and the server wired to an engine over them.
 import { basename, extname } from 'node:path';
 import type { Pool, ResolvedSpec } from '../../dsl/resolved.ts';
-import { loadPeftAdapter } from '../adapters/peft.ts';
+import { openAdapterFor, readAdapter } from '../adapters/open.ts';
 import { QaloraError } from '../errors.ts';
 import { checkAdapters } from '../model/adapters.ts';
 import type { AdapterSet, BackendName, LlamaWeights, ProjectionName } from '../model/types.ts';
@@ -10,6 +10,7 @@ import { openForRun, recordedRunInfo, tokenizerSource } from '../train/setup.ts'
 import { findChatTemplate } from './chat-template.ts';
 import { Engine } from './engine.ts';
 import { QaloraServer } from './server.ts';
+import { announceImpliedSpec } from '../cli/report.ts';
 
 export interface ServeOptions {
   model: string;
@@ -44,24 +45,27 @@ export async function createQaloraServer(o: ServeOptions): Promise<QaloraServer>
     names.add(l.name);
   }
   const needsSpec = '--lora needs a QA-LoRA model: give --spec (or a merged/quantized model that records one)';
-  if (loras.length && !o.spec && !recordedRunInfo(o.model).spec) throw new QaloraError(needsSpec);
+  // A GGUF file's Q4_x/Q8_0 blocks imply a spec; whether they do is known once it has loaded (checked below).
+  if (loras.length && !o.spec && !recordedRunInfo(o.model).spec && !o.model.endsWith('.gguf')) throw new QaloraError(needsSpec);
   const adapterError = (l: { name: string; dir: string }, e: unknown) => new QaloraError(`--lora ${l.name}=${l.dir}: ${(e as Error).message}`);
-  // Unreadable adapters fail before the model loads (which may take minutes on a large one).
+  // Unreadable adapters fail before the model loads (which may take minutes on a large one). Plain LoRA
+  // (PEFT without use_qalora, or a llama.cpp LoRA GGUF) is folded into the base's groups once it has loaded.
   for (const l of loras) {
     try {
-      if (loadPeftAdapter(l.dir, { warn: () => {} }).kind !== 'qalora') throw new QaloraError('a plain LoRA adapter (no use_qalora) does not fit the INT-b base\'s QA-LoRA layers');
+      readAdapter(l.dir, { warn: () => {} });
     } catch (e) {
       throw adapterError(l, e);
     }
   }
-  const { model, tokenizer } = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend ?? 'cpu' });
+  const { model, tokenizer, impliedSpec } = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend ?? 'cpu', inferred: { rank: 0 } });
+  announceImpliedSpec(impliedSpec);
   if (loras.length && !model.spec) throw new QaloraError(needsSpec);
   const adapters = new Map<string, AdapterSet>();
   for (const l of loras) {
     try {
-      const info = loadPeftAdapter(l.dir, { model: model.config });
+      const info = openAdapterFor(l.dir, model.weights);
       checkAdapters(model.weights, info.adapters);
-      checkPooling(model.weights, info.adapters, info.pool);
+      if (!info.folded) checkPooling(model.weights, info.adapters, info.pool);
       adapters.set(l.name, info.adapters);
     } catch (e) {
       throw adapterError(l, e);

@@ -1,8 +1,8 @@
 // Checkpoints: the adapters (PEFT format), the optimizer's moments, and the trainer state (step, data position,
 // seeds) in one directory, written beside the target and swapped in by rename so a kill never leaves a half
 // checkpoint. Everything needed to continue bit-exactly is here; nothing depends on wall-clock or process state.
-import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { loadPeftAdapter, replaceDir, savePeftAdapter, type AdapterInfo } from '../adapters/peft.ts';
 import { QaloraError } from '../errors.ts';
 import type { AdapterSet } from '../model/types.ts';
@@ -46,7 +46,19 @@ export function saveCheckpoint(dir: string, adapters: AdapterSet, info: AdapterI
 }
 
 export function hasCheckpoint(dir: string): boolean {
+  recoverSwap(dir);
   return existsSync(join(dir, STATE_FILE));
+}
+
+/**
+ * replaceDir moves the previous checkpoint aside (`<dir>.old-<pid>`) before renaming the new one in; a process
+ * killed between the two renames leaves no `<dir>`, only that complete previous checkpoint: put it back.
+ */
+function recoverSwap(dir: string): void {
+  if (existsSync(dir) || !existsSync(dirname(dir))) return;
+  const prefix = `${basename(dir)}.old-`;
+  const aside = readdirSync(dirname(dir)).find((n) => n.startsWith(prefix) && existsSync(join(dirname(dir), n, STATE_FILE)));
+  if (aside) renameSync(join(dirname(dir), aside), dir);
 }
 
 /** Restores adapters (in place, into the model's arrays) and the optimizer; returns the trainer state. */

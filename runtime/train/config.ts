@@ -38,6 +38,8 @@ export interface TrainConfig {
   dropout?: number;
   backend: 'cpu' | 'cuda' | 'emu';
   quiet: boolean;
+  /** Re-quantize file blocks that differ from the spec (lossy) instead of failing. */
+  requantize?: boolean;
 }
 
 export const TRAIN_DEFAULTS: Omit<TrainConfig, 'model' | 'data' | 'out'> = {
@@ -68,7 +70,7 @@ export function defaultLearningRate(dim: number): number {
 const NUMBER_KEYS = ['lr', 'warmup', 'batchSize', 'gradAccum', 'maxSteps', 'epochs', 'seqLen', 'valFraction', 'evalWindows',
   'evalEvery', 'saveEvery', 'seed', 'maxGradNorm', 'weightDecay', 'dropout'] as const;
 const STRING_KEYS = ['model', 'tokenizer', 'spec', 'data', 'format', 'separator', 'chatTemplate', 'out', 'schedule', 'backend'] as const;
-const BOOL_KEYS = ['resume', 'quiet'] as const;
+const BOOL_KEYS = ['resume', 'quiet', 'requantize'] as const;
 const ALL_KEYS = new Set<string>([...NUMBER_KEYS, ...STRING_KEYS, ...BOOL_KEYS]);
 
 function camel(k: string): string {

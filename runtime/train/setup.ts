@@ -11,7 +11,7 @@ import { dataTokenizer, type DataTokenizer } from '../data/tokenize.ts';
 import { QaloraError } from '../errors.ts';
 import { isQuantizedBase } from '../model/basefile.ts';
 import { openModel, type OpenedModel, type OpenOptions } from '../model/open.ts';
-import { readSafetensors } from '../safetensors.ts';
+import { openSafetensors } from '../safetensors.ts';
 import type { Tokenizer } from '../tokenizer/types.ts';
 
 /** Metadata keys our merged files carry so they reopen without extra flags. */
@@ -21,7 +21,9 @@ export const META_TOKENIZER = 'qalora_tokenizer';
 /** The spec and tokenizer recorded in a merged/quantized file, when there are any. */
 export function recordedRunInfo(model: string): { spec?: ResolvedSpec; tokenizer?: string } {
   if (!model.endsWith('.safetensors') || !existsSync(model) || !isQuantizedBase(model)) return {};
-  const md = readSafetensors(model).metadata;
+  const f = openSafetensors(model); // the header alone: the base may be gigabytes
+  f.close();
+  const md = f.metadata;
   const tokenizer = md[META_TOKENIZER] && existsSync(md[META_TOKENIZER]) ? md[META_TOKENIZER] : undefined;
   return { spec: md[META_SPEC] ? (JSON.parse(md[META_SPEC]) as ResolvedSpec) : undefined, tokenizer };
 }

@@ -1,7 +1,8 @@
 // The fine-tuning loop: micro-batches → summed loss and gradients → mean over the step's targets → global-norm
 // clipping → AdamW on the adapters. Periodic validation, metrics, plots and atomic checkpoints; a stop request
 // (Ctrl-C) finishes the current step, saves, and returns. Resuming from a checkpoint replays the same data order
-// and dropout seeds, so the loss sequence equals an uninterrupted run's.
+// and dropout seeds, so the loss sequence equals an uninterrupted run's. With `dist` (several MPI ranks) each
+// rank trains on its share of every step's windows and the sums are added across ranks (distributed.ts).
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { AdapterInfo } from '../adapters/peft.ts';
@@ -11,6 +12,7 @@ import { QaloraError } from '../errors.ts';
 import { Progress, sparkline } from '../progress.ts';
 import { AdamW, ADAMW_DEFAULTS } from './adamw.ts';
 import { hasCheckpoint, loadCheckpoint, saveCheckpoint, type TrainerState } from './checkpoint.ts';
+import { SYNC_CHECK_EVERY, type DataParallel } from './distributed.ts';
 import { evaluateWindows, type EvalResult, type TrainModel } from './evaluate.ts';
 import { MetricsLog, type MetricRecord } from './metrics.ts';
 import { alignedGrads, globalNorm, paramList } from './params.ts';
@@ -49,6 +51,8 @@ export interface TrainerOptions {
   handleSigint?: boolean;
   /** Print the final loss sparkline to stderr (default: unless quiet). */
   printSummary?: boolean;
+  /** Data-parallel over MPI ranks: batchSize is per rank, a step takes batchSize·size windows. */
+  dist?: DataParallel | null;
 }
 
 export interface TrainResult {
@@ -71,6 +75,8 @@ export function warmupSteps(warmup: number, totalSteps: number): number {
 export async function train(o: TrainerOptions): Promise<TrainResult> {
   if (o.totalSteps < 1) throw new QaloraError(`nothing to train: ${o.totalSteps} steps`);
   mkdirSync(o.outDir, { recursive: true });
+  const dp = o.dist ?? null;
+  const root = !dp || dp.isRoot, ranks = dp?.size ?? 1;
   const params = paramList(o.model.adapters);
   if (params.length === 0) throw new QaloraError('the model has no adapters to train (every layer has rank 0)');
   const opt = new AdamW(params, { ...ADAMW_DEFAULTS, weightDecay: o.weightDecay });
@@ -79,13 +85,13 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
   const metrics = new MetricsLog(join(o.outDir, 'metrics.jsonl'));
   const fingerprint = {
     ...(o.fingerprint ?? {}), seed: o.seed, batchSize: o.batchSize, gradAccum: o.gradAccum,
-    seqLen: o.train.seqLen, trainWindows: o.train.count,
+    seqLen: o.train.seqLen, trainWindows: o.train.count, ranks,
   };
 
   let state: TrainerState = {
     version: 1, step: 0, position: 0, adamT: 0, seed: o.seed, tokensSeen: 0, elapsedSeconds: 0, fingerprint, totalSteps: o.totalSteps,
   };
-  if (o.resume) {
+  if (o.resume && root) {
     if (!hasCheckpoint(checkpointDir)) throw new QaloraError(`--resume: no checkpoint in ${checkpointDir}`);
     state = loadCheckpoint(checkpointDir, o.model.adapters, opt);
     for (const [k, v] of Object.entries(fingerprint)) {
@@ -94,9 +100,10 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
       }
     }
     metrics.truncateAfter(state.step);
-  } else {
+  } else if (root) {
     metrics.truncateAfter(-1);
   }
+  if (dp) state = dp.syncFromRoot(params, opt, state);
 
   const schedule = new WindowSchedule(o.train.count, o.seed);
   const warm = warmupSteps(o.warmup, o.totalSteps);
@@ -104,8 +111,8 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
   const startStep = state.step;
   const losses: number[] = [];
   const evals: TrainResult['evals'] = [];
-  const history = metrics.read();
-  const progress = new Progress({ label: 'train', total: o.totalSteps, unit: 'steps', start: startStep, silent: o.quiet });
+  const history = root ? metrics.read() : [];
+  const progress = new Progress({ label: 'train', total: o.totalSteps, unit: 'steps', start: startStep, silent: o.quiet || !root });
 
   let stopRequested = false;
   const onSigint = () => {
@@ -118,11 +125,12 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
   const t0 = performance.now();
   let tokensThisRun = 0;
   const record = (r: MetricRecord) => {
+    if (!root) return;
     metrics.append(r);
     history.push(r);
   };
   const runEval = (step: number): EvalResult | null => {
-    if (!o.val) return null;
+    if (!o.val || !root) return null;
     const r = evaluateWindows(o.model, o.val, o.batchSize, o.evalWindows);
     record({ kind: 'eval', step, valLoss: r.loss, valPerplexity: r.perplexity, valTokens: r.tokens });
     evals.push({ step, loss: r.loss, perplexity: r.perplexity });
@@ -130,6 +138,7 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
     return r;
   };
   const save = () => {
+    if (!root) return;
     saveCheckpoint(checkpointDir, o.model.adapters, o.adapterInfo, opt, { ...state, adamT: opt.t });
     if (o.plot ?? true) void writePlots(o.outDir, history);
   };
@@ -143,13 +152,13 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
       let sum = 0, count = 0, positions = 0;
       const acc = params.map((p) => new Float32Array(p.data.length));
       for (let micro = 0; micro < o.gradAccum; micro++) {
-        const idx = schedule.take(state.position, o.batchSize);
-        state.position += o.batchSize;
+        const idx = schedule.take(state.position + (dp?.rank ?? 0) * o.batchSize, o.batchSize);
+        state.position += o.batchSize * ranks;
         const b = o.train.batch(idx);
         positions += b.batch * b.seqLen;
         if (b.count === 0) continue;
         const r = o.model.lossAndGrad(b.tokens, b.targets, b.batch, b.seqLen, {
-          mask: b.mask, training: true, seed: mixSeed(o.seed, step, micro),
+          mask: b.mask, training: true, seed: dp ? dp.dropoutSeed(mixSeed(o.seed, step, micro)) : mixSeed(o.seed, step, micro),
         });
         sum += r.loss;
         count += r.count;
@@ -159,11 +168,13 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
           for (let i = 0; i < a.length; i++) a[i] += gk[i];
         }
       }
+      if (dp) ({ sum, count, positions } = dp.reduceStep(acc, { sum, count, positions }));
       if (count === 0) throw new QaloraError(`step ${step}: no counted targets in the batch (is the whole data masked?)`);
       // Gradient of the step's mean loss; clipping folds into the same scale factor.
       const norm = globalNorm(acc) / count;
       const clip = o.maxGradNorm > 0 && norm > o.maxGradNorm ? o.maxGradNorm / (norm + 1e-6) : 1;
       opt.step(acc, lr, clip / count);
+      if (dp && step % SYNC_CHECK_EVERY === 0) dp.checkInSync(step, params, opt);
       const loss = sum / count;
       if (!Number.isFinite(loss)) throw new QaloraError(`step ${step}: loss is ${loss}; lower the learning rate (now ${lr})`);
       const seconds = (performance.now() - stepStart) / 1000;
@@ -183,21 +194,22 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
       if (o.saveEvery > 0 && step % o.saveEvery === 0 && step !== o.totalSteps) save();
       // Let signal handlers run between steps.
       await new Promise((r) => setImmediate(r));
-      if (stopRequested || o.shouldStop?.()) {
+      const stop = stopRequested || !!o.shouldStop?.();
+      if (dp ? dp.any(stop) : stop) {
         interrupted = step < o.totalSteps;
         break;
       }
     }
     if (!interrupted && o.val && state.step === o.totalSteps && (evals.length === 0 || evals[evals.length - 1].step !== state.step)) runEval(state.step);
     save();
-    if (!interrupted) savePeftAdapter(adapterDir, o.model.adapters, o.adapterInfo);
+    if (!interrupted && root) savePeftAdapter(adapterDir, o.model.adapters, o.adapterInfo);
   } finally {
     progress.stop();
     if (o.handleSigint ?? true) process.off('SIGINT', onSigint);
   }
-  if (o.plot ?? true) await writePlots(o.outDir, history);
+  if ((o.plot ?? true) && root) await writePlots(o.outDir, history);
   const seconds = (performance.now() - t0) / 1000;
-  if (o.printSummary ?? !o.quiet) {
+  if ((o.printSummary ?? !o.quiet) && root) {
     const all = history.filter((r) => r.kind === 'train').map((r) => (r as { loss: number }).loss);
     if (all.length > 1) process.stderr.write(`loss ${all[0].toFixed(3)} ${sparkline(all)} ${all[all.length - 1].toFixed(3)}\n`);
     if (interrupted) process.stderr.write(`stopped at step ${state.step}; resume with --resume (checkpoint: ${checkpointDir})\n`);

@@ -8,6 +8,13 @@
 //   - device memory is malloc'd (and dynamic shared memory per block), so -fsanitize=address reports
 //     out-of-bounds accesses with the kernel's source line (static __shared__ arrays are thread_locals,
 //     which ASan does not bound); both start filled with 0xff bytes (NaN / -1), never a lucky zero;
+//   - cudaFree poisons the block (bytes ff 7f: NaN as fp32, fp16 and bf16) and keeps it out of malloc's hands
+//     for a while (under ASan marked unaddressable: use-after-poison), so a use after free is not silently right;
+//   - every copy is classified by where its pointers are (a kind that disagrees, or a copy past the end of a
+//     block, is refused with a message) and counted with allocations, frees, synchronizations and launches
+//     (emu_counters.h; addon.emuCounters());
+//   - built with -fsanitize=alignment (the addon and the tests do), every load and store through a cast —
+//     *reinterpret_cast<const uint4*>(p) — is checked against its type's alignment, as a GPU faults on it;
 //   - cp.async copies land at the cp.async.wait_group that covers them, so a missing wait reads stale data;
 //   - launches are synchronous; bad configurations set cudaGetLastError() like CUDA; texture/surface objects,
 //     cooperative groups, __activemask, __managed__, inline asm and device-side launches are refused by name.

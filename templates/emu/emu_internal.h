@@ -55,5 +55,6 @@ struct Fiber {
 };
 
 Fiber* current_fiber();  // null outside kernel code
+void count_launch();     // emu_api.cpp keeps the counters (emu_counters.h)
 
 }  // namespace qlemu

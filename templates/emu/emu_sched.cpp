@@ -21,6 +21,7 @@
 #else
 #define QLEMU_ASAN 0
 #endif
+extern "C" void __sanitizer_set_death_callback(void (*callback)(void)) __attribute__((weak));
 
 __thread qlemu::ThreadState* qlemu_current = nullptr;
 
@@ -149,6 +150,22 @@ void fatal_in_kernel(Site at, const char* fmt, ...) {
   }
   fprintf(stderr, "qalora emu: %s (at %s:%d)\n", msg, at.file, at.line);
   abort();
+}
+
+// A sanitizer's fatal report (UBSan's misaligned vector load, ASan's out-of-bounds access) names the source line
+// but not the CUDA thread; this adds the kernel, block and thread it happened in.
+static void name_thread_on_death() {
+  Fiber* f = current_fiber();
+  if (!f) return;
+  const LaunchDesc& d = *f->block->launch;
+  const uint3 b = f->block->idx, t = f->ts.threadIdx;
+  fprintf(stderr, "qalora emu: in kernel %s launched at %s:%d, block (%u,%u,%u), thread %d (%u,%u,%u)\n", d.name,
+          d.at.file, d.at.line, b.x, b.y, b.z, f->linear, t.x, t.y, t.z);
+}
+
+static void hook_sanitizer_death() {
+  // Weak: a build without any sanitizer runtime has no such function, and then nothing reports.
+  if (__sanitizer_set_death_callback) __sanitizer_set_death_callback(name_thread_on_death);
 }
 
 // ---- Switching ----------------------------------------------------------------------------------------------
@@ -545,6 +562,9 @@ int launch(const LaunchDesc& d) {
              limit == kDefaultDynSmem ? " (raise it with cudaFuncAttributeMaxDynamicSharedMemorySize)" : "");
     return launch_error(d, 1 /*cudaErrorInvalidValue*/, why);
   }
+  static const bool hooked = (hook_sanitizer_death(), true);
+  (void)hooked;
+  count_launch();
   std::lock_guard<std::mutex> lock(launch_mutex);
   Job job;
   job.d = &d;

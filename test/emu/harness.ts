@@ -14,9 +14,12 @@ export const cudaInclude = join(process.env.CUDA_HOME ?? '/usr/local/cuda', 'inc
 const buildRoot = join(repoRoot, 'build', 'emu-test');
 
 export type Flavour = 'plain' | 'asan';
+// Every load and store through a pointer is checked against its type's alignment in both flavours: a GPU faults
+// on a misaligned vector access (a uint4 or an alignas(16) struct read through a cast), which a CPU forgives.
+const alignment = ['-fsanitize=alignment', '-fno-sanitize-recover=alignment'];
 const flavourFlags: Record<Flavour, string[]> = {
-  plain: ['-O1', '-g'],
-  asan: ['-O1', '-g', '-fsanitize=address', '-fno-omit-frame-pointer'],
+  plain: ['-O1', '-g', ...alignment],
+  asan: ['-O1', '-g', '-fsanitize=address', '-fno-omit-frame-pointer', ...alignment],
 };
 const commonFlags = () => ['-std=c++17', '-Wall', '-Wno-sign-compare', `-I${cudaInclude}`, `-I${emuDir}`];
 

@@ -3,6 +3,7 @@
 // "FAIL <case>: ..." (exit 1). Lines tagged `// @name` are what test/emu.test.ts edits to make the broken
 // variants the emulator must catch.
 #include "cuda_emu.h"
+#include "emu_counters.h"
 
 #include <cstdio>
 #include <cstdlib>
@@ -504,6 +505,101 @@ static void case_launch_errors() {
   cudaGetLastError();
 }
 
+// ---- Vector loads and stores: 16 and 8 bytes through pointer casts, as kernels widen their accesses -------------
+// On a GPU a misaligned vector access faults ("misaligned address"); under the emulator -fsanitize=alignment
+// checks each cast access against its type's alignment (the alignment nvcc picks the vector width from).
+__global__ void copy_vec16(const float* in, float* out, int n) {
+  const int i = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) *reinterpret_cast<uint4*>(out + i) = *reinterpret_cast<const uint4*>(in + i);  // @vec16
+}
+__global__ void copy_vec8(const float* in, float* out, int n) {
+  const int i = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) reinterpret_cast<float2*>(out)[i / 2] = *reinterpret_cast<const float2*>(in + i);  // @vec8
+}
+
+static void case_vectors() {
+  const int n = 256;
+  auto a = random_vec(n + 4, 7);
+  float *din = to_device(a), *dout;
+  cudaMalloc(&dout, n * sizeof(float));
+  const int off16 = 4;  // @vec16-offset
+  const int off8 = 2;   // @vec8-offset
+  QL_LAUNCH(copy_vec16, 1, n / 4, 0, 0)(din + off16, dout, n);
+  auto o16 = to_host(dout, n);
+  for (int i = 0; i < n; i++) CHECK(o16[i] == a[off16 + i], "16-byte copy: out[%d]", i);
+  QL_LAUNCH(copy_vec8, 1, n / 2, 0, 0)(din + off8, dout, n);
+  auto o8 = to_host(dout, n);
+  for (int i = 0; i < n; i++) CHECK(o8[i] == a[off8 + i], "8-byte copy: out[%d]", i);
+  cudaFree(din), cudaFree(dout);
+}
+
+// ---- The runtime API's bookkeeping: exact transfer counters, and the misuses a GPU rejects -------------------------
+static void case_counters() {
+  qlemu::reset_counters();
+  float *a, *b;
+  cudaMalloc(&a, 1000 * sizeof(float));
+  cudaMalloc(&b, 6 * sizeof(float));
+  const std::vector<float> h(1000, 1.0f);
+  cudaMemcpy(a, h.data(), 1000 * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemcpyAsync(b, a + 10, 6 * sizeof(float), cudaMemcpyDeviceToDevice);  // not a host stall
+  cudaMemcpyAsync(a, h.data(), 5 * sizeof(float), cudaMemcpyDefault);       // direction from the pointers
+  QL_LAUNCH(vadd, 1, 32, 0, 0)(b, b, b, 6);
+  QL_LAUNCH(vadd, 1, 2048, 0, 0)(b, b, b, 6);  // refused: not a launch
+  cudaGetLastError();
+  auto back = to_host(b, 6);
+  cudaDeviceSynchronize();
+  cudaFree(a), cudaFree(b);
+  const qlemu::Counters c = qlemu::counters();
+  CHECK(c.h2d_calls == 2 && c.h2d_bytes == 4020, "h2d %llu calls %llu bytes", (unsigned long long)c.h2d_calls,
+        (unsigned long long)c.h2d_bytes);
+  CHECK(c.d2d_calls == 1 && c.d2d_bytes == 24, "d2d %llu calls %llu bytes", (unsigned long long)c.d2d_calls,
+        (unsigned long long)c.d2d_bytes);
+  CHECK(c.d2h_calls == 1 && c.d2h_bytes == 24, "d2h %llu calls %llu bytes", (unsigned long long)c.d2h_calls,
+        (unsigned long long)c.d2h_bytes);
+  CHECK(c.allocs == 2 && c.alloc_bytes == 4024 && c.frees == 2, "allocs %llu (%llu bytes), frees %llu",
+        (unsigned long long)c.allocs, (unsigned long long)c.alloc_bytes, (unsigned long long)c.frees);
+  CHECK(c.syncs == 3, "syncs %llu: one blocking upload, one blocking readback, one cudaDeviceSynchronize",
+        (unsigned long long)c.syncs);
+  CHECK(c.launches == 1, "launches %llu", (unsigned long long)c.launches);
+  CHECK(back[0] == 2.0f, "vadd on the copied values: %g", back[0]);
+  qlemu::reset_counters();
+  CHECK(qlemu::counters().h2d_bytes == 0 && qlemu::counters().syncs == 0, "reset");
+}
+
+static void case_api_misuse() {
+  float *d, h[8] = {};
+  cudaMalloc(&d, 8 * sizeof(float));
+  CHECK(cudaMemcpy(h, d, sizeof h, cudaMemcpyHostToDevice) == cudaErrorInvalidValue, "kind against the pointers");
+  CHECK(cudaMemcpy(d + 4, h, sizeof h, cudaMemcpyHostToDevice) == cudaErrorInvalidValue, "copy past the block");
+  CHECK(cudaMemset(h, 0, sizeof h) == cudaErrorInvalidValue, "memset of host memory");
+  CHECK(cudaFree(d + 1) == cudaErrorInvalidValue, "free inside a block");
+  CHECK(cudaFree(d) == cudaSuccess, "free");
+  CHECK(cudaFree(d) == cudaErrorInvalidValue, "double free");
+  CHECK(cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost) == cudaErrorInvalidValue, "copy from a freed block");
+  cudaGetLastError();
+}
+
+// Broken as written: reads a buffer after cudaFree. The emulator poisons freed blocks, so it reads NaN.
+__global__ void read_back(const float* x, float* out) {
+  out[threadIdx.x] = x[threadIdx.x];  // @after-free
+}
+
+static void case_use_after_free() {
+  float *d = to_device(random_vec(32, 9)), *out;
+  cudaMalloc(&out, 32 * sizeof(float));
+  cudaFree(d);
+  QL_LAUNCH(read_back, 1, 32, 0, 0)(d, out);
+  auto got = to_host(out, 32);
+  for (int i = 0; i < 32; i++) {
+    uint32_t bits;
+    memcpy(&bits, &got[i], 4);
+    CHECK(bits == 0x7fff7fffu && std::isnan(got[i]), "freed memory read %08x", bits);
+    const uint32_t half = bits & 0xffff;  // fp16 (and bf16) readers see NaN too
+    CHECK((half >> 10 & 0x1f) == 0x1f && (half & 0x3ff) != 0, "poison is not an fp16 NaN");
+  }
+  if (!failures) printf("read poison\n");
+}
+
 // ---- Two barriers in a row (a variant reaches the first from part of the block only) -------------------------------
 __global__ void rotate_sum(float* x) {
   const int t = threadIdx.x;
@@ -549,6 +645,10 @@ int main(int argc, char** argv) {
   else if (c == "bits") case_bits();
   else if (c == "launch_errors") case_launch_errors();
   else if (c == "rotate") case_rotate();
+  else if (c == "vectors") case_vectors();
+  else if (c == "counters") case_counters();
+  else if (c == "api_misuse") case_api_misuse();
+  else if (c == "use_after_free") case_use_after_free();
   else if (c == "warp_deadlock") {
     int* d;
     cudaMalloc(&d, 64 * 4);

@@ -1,0 +1,38 @@
+// Weights as plain fp32 matrices, for writers of float formats and for tests: a quantized layer or token table
+// dequantized exactly as the kernels do (fround(α·q) + β).
+import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
+import type { Linear, LlamaWeights, LoadedLinear, ProjectionName, TokenTable } from './types.ts';
+
+/** W [out, in] of any linear layer in F32 (quantized layers dequantized exactly as the kernels do: α·q + β). */
+export function denseWeight(lin: Linear): Float32Array {
+  if (lin.kind === 'float') return lin.w;
+  const { out, in: inF } = lin;
+  const { bits, group } = lin.settings;
+  const L = inF / group, wpr = wordsPerRow(inF, bits);
+  const w = new Float32Array(out * inF);
+  for (let o = 0; o < out; o++) {
+    for (let i = 0; i < inF; i++) {
+      const k = Math.floor(i / group);
+      w[o * inF + i] = Math.fround(lin.alpha[o * L + k] * unpackQ(lin.qweight, o * wpr, i, bits)) + lin.beta[o * L + k];
+    }
+  }
+  return w;
+}
+
+
+/** A token table [vocab, dim] in fp32 (the array itself when it is one). */
+export function denseTable(t: TokenTable): Float32Array {
+  return t instanceof Float32Array ? t : denseWeight(t);
+}
+
+/** Every projection still in its file read as fp32 (tests, float writers); quant layers and tables as they are. */
+export function readAllFloat(w: LlamaWeights<LoadedLinear>): LlamaWeights {
+  const blocks = w.blocks.map((b) => {
+    const proj = {} as Record<ProjectionName, Linear>;
+    for (const [p, lin] of Object.entries(b.proj) as Array<[ProjectionName, LoadedLinear]>) {
+      proj[p] = lin.kind === 'file' ? { kind: 'float', out: lin.out, in: lin.in, w: lin.readFloat() } : lin;
+    }
+    return { ...b, proj };
+  });
+  return { ...w, blocks };
+}
