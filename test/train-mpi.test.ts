@@ -10,6 +10,10 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { asF32, readSafetensors } from '../runtime/safetensors.ts';
 import { findMpirun } from '../runtime/mpi.ts';
 import { withoutLaunchFlags } from '../runtime/train/launch.ts';
+import type { MpiAddon } from '../runtime/mpi.ts';
+import { AdamW } from '../runtime/train/adamw.ts';
+import { DataParallel } from '../runtime/train/distributed.ts';
+import { paramList } from '../runtime/train/params.ts';
 import { fixture, repoRoot } from './fixtures.ts';
 import { shakespeareSlice, STORIES, TOK } from './train-fixture.ts';
 
@@ -139,5 +143,21 @@ describe('train --nproc without MPI', () => {
 
   it('passes every other flag to the ranks', () => {
     expect(withoutLaunchFlags(['--out', 'o', '--nproc', '4', '--hostfile=h', '--seed', '1', '--nproc=2', '--hostfile', 'f'])).toEqual(['--out', 'o', '--seed', '1']);
+  });
+
+  it('reduces a step and detects a drifted rank (a stand-in for rank 1, no MPI needed)', () => {
+    // Rank 1 contributes the same sums as rank 0 but holds different optimizer moments.
+    const fake = {
+      allreduceSum(buf: Float32Array | Float64Array) {
+        if (buf instanceof Float64Array && buf.length === 2) buf[1] = 0xdead;
+        else for (let i = 0; i < buf.length; i++) buf[i] *= 2;
+      },
+    } as unknown as MpiAddon;
+    const dp = new DataParallel(fake, 0, 2);
+    const g = [new Float32Array([1, 2]), new Float32Array([3])];
+    expect(dp.reduceStep(g, { sum: 1.5, count: 10, positions: 12 })).toEqual({ sum: 3, count: 20, positions: 24 });
+    expect(g.map((x) => [...x])).toEqual([[2, 4], [6]]);
+    const params = paramList([{ q: { rank: 1, alpha: 1, a: new Float32Array(2), b: new Float32Array(3) } }]);
+    expect(() => dp.checkInSync(10, params, new AdamW(params))).toThrow(/step 10: the adapters or optimizer state of rank 1 differ from rank 0's/);
   });
 });

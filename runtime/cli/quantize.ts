@@ -9,6 +9,8 @@ import { openModel } from '../model/open.ts';
 import type { BackendName } from '../model/types.ts';
 import { Progress } from '../progress.ts';
 import { number } from './generate.ts';
+import { requantizeOption } from './options.ts';
+import { reportPeakMemory } from './report.ts';
 
 interface QuantizeFlags {
   model: string;
@@ -21,6 +23,7 @@ interface QuantizeFlags {
   calibTokens: string;
   backend: BackendName;
   quiet?: boolean;
+  requantize?: boolean;
 }
 
 export function register(program: Command): void {
@@ -36,6 +39,7 @@ export function register(program: Command): void {
     .option('--calib-samples <n>', 'calibration sequences', '64')
     .option('--calib-tokens <n>', 'tokens per calibration sequence', '256')
     .addOption(new Option('--backend <name>', 'kernels used to quantize').choices(['cpu', 'cuda', 'emu']).default('cpu'))
+    .addOption(requantizeOption())
     .option('-q, --quiet', 'no progress bar')
     .action(async (o: QuantizeFlags) => {
       if (!o.out.endsWith('.safetensors')) throw new QaloraError(`--out ${o.out}: the quantized base is a .safetensors file`);
@@ -45,7 +49,7 @@ export function register(program: Command): void {
       let bar: Progress | undefined;
       const t0 = performance.now();
       const { model } = await openModel({
-        model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, quantize: o.method,
+        model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, quantize: o.method, requantize: o.requantize,
         calib: o.calib ? (tok, config) => calibrationFromText(o.calib!, tok, { samples, tokens, context: config.context }) : undefined,
         onProgress: (done, total, what) => {
           bar ??= new Progress({ label: `quantize ${o.method}`, total, unit: 'layers', silent: o.quiet });
@@ -57,5 +61,6 @@ export function register(program: Command): void {
       saveQuantizedBase(o.out, model.weights, { spec: spec.name, method: o.method });
       const layers = model.weights.blocks.reduce((n, b) => n + Object.values(b.proj).filter((l) => l.kind === 'quant').length, 0);
       process.stderr.write(`quantized ${layers} layers (${o.method}) in ${((performance.now() - t0) / 1000).toFixed(1)} s → ${o.out} (${(statSync(o.out).size / 1e6).toFixed(2)} MB)\n`);
+      reportPeakMemory();
     });
 }

@@ -14,5 +14,6 @@ export function peakRssBytes(): number {
 }
 
 export function reportPeakMemory(write: (s: string) => void = (s) => process.stderr.write(s)): void {
-  write(`peak memory: ${formatBytes(peakRssBytes())} resident\n`);
+  const peak = peakRssBytes();
+  write(`peak memory: ${formatBytes(peak)} resident (${peak} bytes)\n`);
 }

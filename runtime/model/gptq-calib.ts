@@ -8,7 +8,7 @@ import { QaloraError } from '../errors.ts';
 import { HessianAccumulator, gptqQuantizeLinear, type GptqNative } from '../quantize/gptq.ts';
 import type { CreateOptions } from './llama.ts';
 import type { NativeOps } from './native-ops.ts';
-import { mapProjections, settingsOf } from './prepare.ts';
+import { settingsOf } from './prepare.ts';
 import { Runner } from './runner.ts';
 import type { LlamaWeights, ProjectionName } from './types.ts';
 
@@ -29,8 +29,8 @@ export async function quantizeGptq(weights: LlamaWeights, layers: Map<Projection
     for (const id of s) if (id < 0 || id >= c.vocab) throw new QaloraError(`calibration sequence ${i} has token ${id}, outside the vocabulary [0, ${c.vocab})`);
   }
   const gptq = native.core as unknown as GptqNative;
-  // Already-quantized layers are kept as they are (and checked against the spec) by mapProjections.
-  let current = mapProjections(weights, layers, (lin) => lin);
+  // prepareWeights resolved every projection: quant layers (checked against the spec) stay, float ones are ours.
+  let current = weights;
   const total = c.layers * STAGES.reduce((n, st) => n + st.projections.filter((p) => layers.has(p)).length, 0);
   let done = 0;
   // Each sequence's residual stream entering the current block.

@@ -1,9 +1,8 @@
 // Turning loaded weights into what a LlamaModel runs: the native ops loaded, float projections quantized into
 // the spec's layout (round-to-nearest here, or GPTQ on calibration activations), adapters initialised or checked.
-import { PROJECTIONS, type ResolvedLayer, type ResolvedSpec } from '../../dsl/resolved.ts';
+import { PROJECTIONS, type Bits, type QaloraSettings, type ResolvedLayer, type ResolvedSpec } from '../../dsl/resolved.ts';
 import type { CreateOptions } from './llama.ts';
-import type { Bits, QaloraSettings } from '../../dsl/resolved.ts';
-import type { AdapterSet, BackendName, BlockWeights, FileLinear, FloatLinear, Linear, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear } from './types.ts';
+import type { AdapterSet, BackendName, FileLinear, FloatLinear, Linear, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear } from './types.ts';
 import { tableSize } from './types.ts';
 import { DEFAULT_CUDA_ARCHS, DEFAULT_SETTINGS } from '../../dsl/defaults.ts';
 import { createHash } from 'node:crypto';
@@ -224,33 +223,6 @@ export function layerSettings(spec: ResolvedSpec): Map<ProjectionName, ResolvedL
   }
   if (map.size === 0) throw new QaloraError(`spec '${spec.name}' (${spec.file}) names no model projection (q, k, v, o, gate, up, down)`);
   return map;
-}
-
-/** Each block's projections with the spec's settings; returns the linear the layer becomes. */
-export function mapProjections(weights: LlamaWeights, layers: Map<ProjectionName, ResolvedLayer>, fn: (lin: Linear, s: ResolvedLayer, l: number, p: ProjectionName) => Linear): LlamaWeights {
-  const blocks: BlockWeights[] = weights.blocks.map((blk, l) => {
-    const proj = { ...blk.proj };
-    for (const p of PROJECTIONS) {
-      const s = layers.get(p);
-      if (!s) continue;
-      const lin = blk.proj[p], where = `layers.${l}.${p}`;
-      if (lin.in !== s.inFeatures || lin.out !== s.outFeatures) {
-        throw new QaloraError(`${where}: the model's layer is [${lin.out}, ${lin.in}] but the spec's '${s.name}' is [${s.outFeatures}, ${s.inFeatures}]`);
-      }
-      if (lin.in % s.group !== 0) throw new QaloraError(`${where}: group ${s.group} does not divide in_features ${lin.in}`);
-      if (lin.kind === 'quant') {
-        const q = lin.settings;
-        if (q.bits !== s.bits || q.group !== s.group) {
-          throw new QaloraError(`${where}: the layer is already quantized at ${q.bits} bits, group ${q.group}; the spec asks for ${s.bits} bits, group ${s.group}`);
-        }
-        proj[p] = { ...lin, settings: settingsOf(s) };
-        continue;
-      }
-      proj[p] = fn(lin, s, l, p);
-    }
-    return { ...blk, proj };
-  });
-  return { ...weights, blocks };
 }
 
 export function settingsOf(s: ResolvedLayer): QuantLinear['settings'] {
