@@ -1,7 +1,7 @@
 // Real-size LLaMA shapes on this machine: qalora next to llama.cpp (node-llama-cpp) in the same run.
 //
 //   npx tsx bench/scale.ts [--shapes tinyllama,llama7b] [--threads 2] [--prompt-tokens 128] [--decode 32]
-//                          [--train llama7b | --no-train] [--cache DIR] [--json]
+//                          [--train llama7b | --no-train] [--cache DIR] [--json] [--make-only]
 //
 // 1. Makes a LLaMA-shaped GGUF per shape with random weights (Q4_1 projections, embedding and untied classifier,
 //    F32 norms of 1, the LLaMA-2 tokenizer in the metadata), written tensor by tensor with the project's own
@@ -16,7 +16,7 @@ import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { GGUF_PROJECTION } from '../runtime/formats/gguf-llama.ts';
@@ -305,7 +305,7 @@ function table(file: string, rows: Row[], before: string): string {
     `| decode (tok/s, ${a.newTokens || b.newTokens} tokens) | ${f(a.decode, 1)} | ${f(b.decode, 1)} | ${ratio(b.decode, a.decode)} |`,
   ];
   for (const r of rows) if (r.error) lines.push('', `${r.tool} failed: ${r.error}`);
-  return `${file} (${gb(statSync(file).size)} GB); load average before/after: ${before} / ${busy()}\n\n${lines.join('\n')}`;
+  return `${relative(ROOT, file)} (${gb(statSync(file).size)} GB); load average before/after: ${before} / ${busy()}\n\n${lines.join('\n')}`;
 }
 
 // ---- Main -----------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ export function denseWeight(lin: Linear): Float32Array {
   return w;
 }
 
-
 /** A token table [vocab, dim] in fp32 (the array itself when it is one). */
 export function denseTable(t: TokenTable): Float32Array {
   return t instanceof Float32Array ? t : denseWeight(t);
