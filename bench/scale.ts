@@ -3,9 +3,9 @@
 //   npx tsx bench/scale.ts [--shapes tinyllama,llama7b] [--threads 2] [--prompt-tokens 128] [--decode 32]
 //                          [--train llama7b | --no-train] [--cache DIR] [--json] [--make-only]
 //
-// 1. Makes a LLaMA-shaped GGUF per shape with random weights (Q4_1 projections, embedding and untied classifier,
-//    F32 norms of 1, the LLaMA-2 tokenizer in the metadata), written tensor by tensor with the project's own
-//    writer and cached under bench/.cache/ (keyed by every parameter that changes the bytes).
+// 1. Makes a LLaMA-shaped GGUF per shape with random weights (bench/synthetic-gguf.ts: Q4_1 projections, embedding
+//    and untied classifier, F32 norms of 1, the LLaMA-2 tokenizer in the metadata), written tensor by tensor with
+//    the project's own writer and cached under bench/.cache/ (keyed by every parameter that changes the bytes).
 // 2. For each file, one llama.cpp run and one `qalora generate` run, each in its own process (so each peak RSS is
 //    its own; /usr/bin/time -v reads it): load time, peak RSS and its ratio to the file, time to first token,
 //    prefill and decode tokens/s on the same prompt ids, greedy.
@@ -13,57 +13,17 @@
 //    and peak RSS. The machine has no swap, so "does not swap" means "does not get killed".
 // Measurements run one after another: never two big processes at once on 2 cores.
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { GGUF_PROJECTION } from '../runtime/formats/gguf-llama.ts';
-import { GgmlType, GgufValueType as T, writeGguf, type GgufWriteKV, type GgufWriteTensor } from '../runtime/formats/gguf.ts';
-import { vocabFromTokenizer } from '../runtime/export/gguf.ts';
 import { readSentencePieceModel } from '../runtime/tokenizer/spm-model.ts';
-import { f16BitsToF32, f32ToF16Bits } from '../runtime/safetensors.ts';
 import { fixture } from '../test/fixtures.ts';
+import { LLAMA2_TOKENIZER, promptOf as promptFor, SHAPES, syntheticGguf as makeGguf } from './synthetic-gguf.ts';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = join(HERE, '..');
-
-interface Shape { dim: number; hidden: number; layers: number; heads: number; kvHeads: number; vocab: number; context: number }
-const SHAPES: Record<string, Shape> = {
-  tinyllama: { dim: 2048, hidden: 5632, layers: 22, heads: 32, kvHeads: 4, vocab: 32000, context: 2048 },
-  llama7b: { dim: 4096, hidden: 11008, layers: 32, heads: 32, kvHeads: 32, vocab: 32000, context: 4096 },
-};
-// Bump when the bytes a shape produces change (the cache key includes it).
-const GENERATOR_VERSION = 1;
-const SEED = 1234;
-
-// ---- Child mode: one llama.cpp measurement in its own process -------------------------------------------------
-
-if (process.argv[2] === '--child-llamacpp') {
-  // Markers on stdout are timestamped by the parent (load and first token are measured the same way for both
-  // tools); the in-process prefill/decode times come back as JSON on the last line.
-  const [file, threads, decode, ids] = [process.argv[3], Number(process.argv[4]), Number(process.argv[5]), JSON.parse(process.argv[6]) as number[]];
-  const { getLlama } = await import('node-llama-cpp');
-  const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never });
-  const model = await llama.loadModel({ modelPath: file });
-  // A context just big enough for the run: llama.cpp's KV cache is then small, like a real short chat.
-  const ctx = await model.createContext({ contextSize: 512, threads });
-  const seq = ctx.getSequence();
-  process.stdout.write('READY\n');
-  const t0 = performance.now();
-  let t1 = 0;
-  const made: number[] = [];
-  for await (const tok of seq.evaluate(ids as never, { temperature: 0 } as never)) {
-    if (made.push(tok as number) === 1) { t1 = performance.now(); process.stdout.write('FIRST\n'); }
-    if (made.length >= decode) break;
-  }
-  const t2 = performance.now();
-  process.stdout.write(JSON.stringify({ promptTokens: ids.length, newTokens: made.length, tokens: made, prefillSeconds: (t1 - t0) / 1000, decodeSeconds: (t2 - t1) / 1000 }) + '\n');
-  await ctx.dispose();
-  await model.dispose();
-  process.exit(0);
-}
 
 // ---- Options ------------------------------------------------------------------------------------------------
 
@@ -77,7 +37,7 @@ const { values: o } = parseArgs({
     'no-train': { type: 'boolean', default: false },
     'train-data': { type: 'string', default: fixture('data/tinystories/tinystories-5-stories.txt') },
     cache: { type: 'string', default: join(HERE, '.cache') },
-    tokenizer: { type: 'string', default: fixture('models/llama2-tokenizer/tokenizer.model') },
+    tokenizer: { type: 'string', default: LLAMA2_TOKENIZER },
     json: { type: 'boolean', default: false },
     'make-only': { type: 'boolean', default: false },
   },
@@ -88,107 +48,10 @@ const threads = Number(o.threads);
 const promptTokens = Number(o['prompt-tokens']);
 const decode = Number(o.decode);
 // Training runs on the largest shape asked for unless told otherwise (the issue's target: 7B on this machine).
+const syntheticGguf = (shape: string) => makeGguf(shape, { cache: o.cache, tokenizer: o.tokenizer });
+const promptOf = (n: number) => promptFor(n, o.tokenizer);
 const trainShape = o['no-train'] ? undefined : (o.train ?? (shapes.includes('llama7b') ? 'llama7b' : undefined));
 if (trainShape && !SHAPES[trainShape]) throw new Error(`--train: unknown shape '${trainShape}'`);
-
-// ---- The synthetic GGUF ---------------------------------------------------------------------------------------
-
-/** xorshift32 from a string: per-tensor streams, so a file is the same bytes on every machine. */
-function rng(key: string): () => number {
-  let s = createHash('sha256').update(`${SEED}/${key}`).digest().readUInt32LE(0) || 1;
-  return () => { s ^= s << 13; s ^= s >>> 17; s ^= s << 5; return s >>> 0; };
-}
-
-/**
- * Q4_1 blocks (fp16 d, fp16 m, 16 bytes of nibbles per 32 weights) for an [out, in] weight: random nibbles,
- * d ≈ 1/(4.6·√in) so that y = W·x has about unit scale for a unit-RMS x (uniform q on 0..15 has std ≈ 4.6),
- * and m = −7.5·d so every weight is centred: activations stay finite through 32 layers.
- */
-function q41Blocks(name: string, out: number, inF: number): Uint8Array {
-  const blocks = (out * inF) / 32;
-  const bytes = new Uint8Array(blocks * 20);
-  const next = rng(name);
-  const words = new Uint32Array(bytes.buffer);
-  for (let i = 0; i < words.length; i++) words[i] = next();
-  // 64 (d, m) pairs, d spread over ±25%: one fp16 conversion per pair, not per block.
-  const base = 1 / (4.6 * Math.sqrt(inF));
-  const dm = new Uint16Array(128);
-  for (let k = 0; k < 64; k++) {
-    const d = f32ToF16Bits(base * (0.75 + (0.5 * k) / 63));
-    dm[2 * k] = d;
-    dm[2 * k + 1] = f32ToF16Bits(-7.5 * f16BitsToF32(d));
-  }
-  const h = new Uint16Array(bytes.buffer);
-  for (let b = 0; b < blocks; b++) {
-    const k = (words[b * 5 + 2] & 63) * 2; // a nibble word of this block picks the pair
-    h[b * 10] = dm[k];
-    h[b * 10 + 1] = dm[k + 1];
-  }
-  return bytes;
-}
-
-function ones(n: number): Uint8Array {
-  return new Uint8Array(new Float32Array(n).fill(1).buffer);
-}
-
-/** The file for a shape: made once, then reused while every parameter that changes its bytes is the same. */
-function syntheticGguf(shapeName: string): string {
-  const c = SHAPES[shapeName];
-  const tokBytes = readFileSync(o.tokenizer!);
-  const key = createHash('sha256').update(JSON.stringify({ c, GENERATOR_VERSION, SEED })).update(tokBytes).digest('hex').slice(0, 12);
-  const path = join(o.cache!, `${shapeName}-q4_1-${key}.gguf`);
-  if (existsSync(path)) return path;
-
-  const tok = readSentencePieceModel(o.tokenizer!);
-  if (tok.vocabSize !== c.vocab) throw new Error(`${o.tokenizer}: ${tok.vocabSize} tokens, the shape needs ${c.vocab}`);
-  const vocab = vocabFromTokenizer(tok);
-  // The same keys as runtime/export/gguf.ts's buildGguf writes for a Q4_1 model (file_type 3 = MOSTLY_Q4_1).
-  const kvs: GgufWriteKV[] = [
-    ['general.architecture', T.STRING, 'llama'],
-    ['general.name', T.STRING, `qalora-bench-${shapeName}-random`],
-    ['general.alignment', T.U32, 32],
-    ['general.file_type', T.U32, 3],
-    ['general.quantization_version', T.U32, 2],
-    ['llama.vocab_size', T.U32, c.vocab],
-    ['llama.context_length', T.U32, c.context],
-    ['llama.embedding_length', T.U32, c.dim],
-    ['llama.block_count', T.U32, c.layers],
-    ['llama.feed_forward_length', T.U32, c.hidden],
-    ['llama.rope.dimension_count', T.U32, c.dim / c.heads],
-    ['llama.attention.head_count', T.U32, c.heads],
-    ['llama.attention.head_count_kv', T.U32, c.kvHeads],
-    ['llama.attention.layer_norm_rms_epsilon', T.F32, 1e-5],
-    ['llama.rope.freq_base', T.F32, 10000],
-    ['tokenizer.ggml.model', T.STRING, 'llama'],
-    ['tokenizer.ggml.tokens', T.ARRAY, vocab.tokens, T.STRING],
-    ['tokenizer.ggml.scores', T.ARRAY, Float32Array.from(vocab.scores), T.F32],
-    ['tokenizer.ggml.token_type', T.ARRAY, Int32Array.from(vocab.types), T.I32],
-    ['tokenizer.ggml.bos_token_id', T.U32, vocab.bos],
-    ['tokenizer.ggml.eos_token_id', T.U32, vocab.eos],
-    ['tokenizer.ggml.add_bos_token', T.BOOL, true],
-    ['tokenizer.ggml.add_eos_token', T.BOOL, false],
-  ];
-  if (vocab.unk !== undefined) kvs.push(['tokenizer.ggml.unknown_token_id', T.U32, vocab.unk]);
-
-  // Every tensor is made when the writer reaches it (read()), so memory holds one tensor, not the file.
-  const q41 = (name: string, out: number, inF: number): GgufWriteTensor => ({ name, dims: [inF, out], type: GgmlType.Q4_1, read: () => q41Blocks(name, out, inF) });
-  const norm = (name: string): GgufWriteTensor => ({ name, dims: [c.dim], type: GgmlType.F32, read: () => ones(c.dim) });
-  const kvDim = (c.dim / c.heads) * c.kvHeads;
-  const outs = { q: c.dim, k: kvDim, v: kvDim, o: c.dim, gate: c.hidden, up: c.hidden, down: c.dim };
-  const ins = { q: c.dim, k: c.dim, v: c.dim, o: c.dim, gate: c.dim, up: c.dim, down: c.hidden };
-  const tensors: GgufWriteTensor[] = [q41('token_embd.weight', c.vocab, c.dim)];
-  for (let l = 0; l < c.layers; l++) {
-    tensors.push(norm(`blk.${l}.attn_norm.weight`), norm(`blk.${l}.ffn_norm.weight`));
-    for (const p of ['q', 'k', 'v', 'o', 'gate', 'up', 'down'] as const) tensors.push(q41(`blk.${l}.${GGUF_PROJECTION[p]}.weight`, outs[p], ins[p]));
-  }
-  tensors.push(norm('output_norm.weight'), q41('output.weight', c.vocab, c.dim));
-
-  mkdirSync(o.cache!, { recursive: true });
-  const t0 = performance.now();
-  const size = writeGguf(path, kvs, tensors);
-  log(`wrote ${path}: ${gb(size)} GB in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  return path;
-}
 
 // ---- Measuring a child process --------------------------------------------------------------------------------
 
@@ -227,7 +90,7 @@ interface Row { tool: string; text?: string; load: number; peakRss: number; file
 
 async function runLlamaCpp(file: string, ids: number[]): Promise<Row> {
   const r = await measure(
-    [process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--child-llamacpp', file, String(threads), String(decode), JSON.stringify(ids)],
+    [process.execPath, '--import', 'tsx', join(HERE, 'llamacpp-child.ts'), file, String(threads), String(decode), JSON.stringify(ids)],
     {},
     (out, marks, t) => {
       for (const m of ['READY', 'FIRST']) if (!marks.has(m) && out.includes(`${m}\n`)) marks.set(m, t);
@@ -268,21 +131,6 @@ async function runQalora(file: string, prompt: string): Promise<Row> {
 
 function failed(tool: string, error: string): Row {
   return { tool, load: NaN, peakRss: NaN, fileRatio: NaN, ttft: NaN, prefill: NaN, decode: NaN, promptTokens: 0, newTokens: 0, error };
-}
-
-/** A TinyStories prefix of exactly `n` tokens with BOS (the same ids go to llama.cpp; qalora encodes the text). */
-function promptOf(n: number): { text: string; ids: number[] } {
-  const tok = readSentencePieceModel(o.tokenizer!);
-  const words = readFileSync(fixture('data/tinystories/tinystories-5-stories.txt'), 'utf8').split(/\s+/).filter(Boolean);
-  let text = '', ids = [tok.bos];
-  for (const w of words) {
-    const t = text ? `${text} ${w}` : w;
-    const e = tok.encode(t, { bos: true });
-    if (e.length > n) break;
-    text = t;
-    ids = e;
-  }
-  return { text, ids };
 }
 
 // ---- Output ---------------------------------------------------------------------------------------------------

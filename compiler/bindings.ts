@@ -15,9 +15,11 @@ export interface BindingsInput {
 }
 
 const activationType = (s: Specialization) => (s.dtype === 'fp32' ? 'Float32Array' : 'Uint16Array');
+/** α and β: Float32Array, or fp16 bits in a Uint16Array for `scales fp16`. */
+const scaleType = (s: Specialization) => (s.scales === 'fp16' ? 'Uint16Array' : 'Float32Array');
 
 const LAYER_ARGS_DOC =
-  'One layer call; sizes are checked by the addon. loraA [rank, in/g] and loraB [out, rank] are required when rank > 0.';
+  'One layer call; sizes are checked by the addon. loraA [rank, in/g] and loraB [out, rank] are required when rank > 0. S is the storage of alpha and beta.';
 
 export async function emitBindings(input: BindingsInput): Promise<string> {
   const { Project, VariableDeclarationKind } = await import('ts-morph');
@@ -36,10 +38,11 @@ export async function emitBindings(input: BindingsInput): Promise<string> {
     name: 'LayerCallArgs',
     isExported: true,
     docs: [LAYER_ARGS_DOC],
+    typeParameters: [{ name: 'S', constraint: 'Float32Array | Uint16Array', default: 'Float32Array' }],
     properties: [
       { name: 'qweight', type: 'Uint32Array' },
-      { name: 'alpha', type: 'Float32Array' },
-      { name: 'beta', type: 'Float32Array' },
+      { name: 'alpha', type: 'S' },
+      { name: 'beta', type: 'S' },
       { name: 'loraA', type: 'Float32Array', hasQuestionToken: true },
       { name: 'loraB', type: 'Float32Array', hasQuestionToken: true },
       ...['m', 'in', 'out', 'rank', 'scale', 'poolScale', 'dropout'].map((name) => ({ name, type: 'number' })),
@@ -50,18 +53,19 @@ export async function emitBindings(input: BindingsInput): Promise<string> {
   file.addInterface({
     name: 'KernelSet',
     isExported: true,
-    docs: ['The entry points of one specialization on one backend; A is the activation storage (fp16/bf16 as raw bits).'],
-    typeParameters: [{ name: 'A', constraint: 'Float32Array | Uint16Array' }],
+    docs: ['The entry points of one specialization on one backend; A is the activation storage (fp16/bf16 as raw bits), S that of alpha and beta (fp16 as raw bits).'],
+    typeParameters: [{ name: 'A', constraint: 'Float32Array | Uint16Array' }, { name: 'S', constraint: 'Float32Array | Uint16Array', default: 'Float32Array' }],
     properties: [
       { name: 'bits', type: 'number', isReadonly: true },
       { name: 'group', type: 'number', isReadonly: true },
+      { name: 'scales', type: `'fp32' | 'fp16'`, isReadonly: true },
     ],
     methods: [
-      { name: 'quantize', parameters: [p('w', 'Float32Array'), p('out', 'number'), p('inFeatures', 'number'), p('qweight', 'Uint32Array'), p('alpha', 'Float32Array'), p('beta', 'Float32Array')], returnType: 'void' },
-      { name: 'dequantize', parameters: [p('qweight', 'Uint32Array'), p('alpha', 'Float32Array'), p('beta', 'Float32Array'), p('out', 'number'), p('inFeatures', 'number'), p('w', 'Float32Array')], returnType: 'void' },
-      { name: 'forward', parameters: [p('args', 'LayerCallArgs'), p('x', 'A'), p('y', 'A')], returnType: 'void' },
-      { name: 'backward', parameters: [p('args', 'LayerCallArgs'), p('x', 'A'), p('dy', 'A'), p('dx', 'A'), p('gradA', 'Float32Array'), p('gradB', 'Float32Array')], returnType: 'void' },
-      { name: 'merge', parameters: [p('args', 'LayerCallArgs'), p('betaOut', 'Float32Array')], returnType: 'void' },
+      { name: 'quantize', parameters: [p('w', 'Float32Array'), p('out', 'number'), p('inFeatures', 'number'), p('qweight', 'Uint32Array'), p('alpha', 'S'), p('beta', 'S')], returnType: 'void' },
+      { name: 'dequantize', parameters: [p('qweight', 'Uint32Array'), p('alpha', 'S'), p('beta', 'S'), p('out', 'number'), p('inFeatures', 'number'), p('w', 'Float32Array')], returnType: 'void' },
+      { name: 'forward', parameters: [p('args', 'LayerCallArgs<S>'), p('x', 'A'), p('y', 'A')], returnType: 'void' },
+      { name: 'backward', parameters: [p('args', 'LayerCallArgs<S>'), p('x', 'A'), p('dy', 'A'), p('dx', 'A'), p('gradA', 'Float32Array'), p('gradB', 'Float32Array')], returnType: 'void' },
+      { name: 'merge', parameters: [p('args', 'LayerCallArgs<S>'), p('betaOut', 'S')], returnType: 'void' },
     ],
   });
 
@@ -69,7 +73,7 @@ export async function emitBindings(input: BindingsInput): Promise<string> {
     file.addInterface({
       name,
       isExported: true,
-      properties: specs.map((s) => ({ name: s.id, type: `KernelSet<${activationType(s)}>`, docs: [`bits ${s.bits}, group ${s.group}, ${s.dtype}, pool ${s.pool}; layers: ${s.layers.join(', ')}`] })),
+      properties: specs.map((s) => ({ name: s.id, type: `KernelSet<${activationType(s)}, ${scaleType(s)}>`, docs: [`bits ${s.bits}, group ${s.group}, ${s.dtype}, pool ${s.pool}, ${s.scales} scales; layers: ${s.layers.join(', ')}`] })),
     });
   kernelSets('CpuKernels', plan.specializations.filter((s) => s.cpu));
   kernelSets('CudaKernels', plan.specializations.filter((s) => s.cuda));

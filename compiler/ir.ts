@@ -1,7 +1,7 @@
 // The kernel plan: the compiler's intermediate representation between a resolved spec and rendered sources.
 // Each distinct specialization appears once however many layers use it; layers point at it by id.
 
-import type { ActDType, Bits, Pool, ResolvedSpec } from '../dsl/resolved.ts';
+import type { ActDType, Bits, Pool, ResolvedSpec, ScaleDType } from '../dsl/resolved.ts';
 
 /** Compile-time constants of one specialization. Rank, in/out features and M are runtime arguments. */
 export interface SpecializationKey {
@@ -9,6 +9,8 @@ export interface SpecializationKey {
   group: number;
   dtype: ActDType;
   pool: Pool;
+  /** Storage of α and β: fp32, or fp16 raw bits. */
+  scales: ScaleDType;
 }
 
 /** Blocking of the CPU kernels (see templates/cpu). */
@@ -34,7 +36,7 @@ export interface CudaConfig {
 }
 
 export interface Specialization extends SpecializationKey {
-  /** e.g. 'b4_g32_fp16_mean': a C identifier, stable for a key. */
+  /** e.g. 'b4_g32_fp16_mean', 'b4_g32_fp32_mean_s16' (fp16 scales): a C identifier, stable for a key. */
   id: string;
   /** Packed layout of q (see docs/ARCHITECTURE.md): 'blocked32' — b u32 words per 32 inputs, per row. */
   layout: 'blocked32';

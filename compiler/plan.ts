@@ -1,4 +1,4 @@
-// Stage 1: ResolvedSpec → KernelPlan. Layers sharing (bits, group, dtype, pool) share one specialization;
+// Stage 1: ResolvedSpec → KernelPlan. Layers sharing (bits, group, dtype, pool, scales) share one specialization;
 // per target the plan picks CPU cache blocking and CUDA tile/launch configurations for it.
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -9,8 +9,9 @@ export const compilerVersion: string = JSON.parse(
   readFileSync(new URL('../package.json', import.meta.url), 'utf8'),
 ).version;
 
+// fp32 scales add nothing to the id, so every id that existed before `scales` keeps its name.
 export function specializationId(k: SpecializationKey): string {
-  return `b${k.bits}_g${k.group}_${k.dtype}_${k.pool}`;
+  return `b${k.bits}_g${k.group}_${k.dtype}_${k.pool}${k.scales === 'fp16' ? '_s16' : ''}`;
 }
 
 /** JSON with object keys sorted, so equal specs hash equally whatever order their fields were built in. */
@@ -73,7 +74,7 @@ export function planSpec(spec: ResolvedSpec): KernelPlan {
   const byId = new Map<string, Specialization>();
   const layers: PlannedLayer[] = [];
   for (const layer of spec.layers) {
-    const key: SpecializationKey = { bits: layer.bits, group: layer.group, dtype: layer.dtype, pool: layer.pool };
+    const key: SpecializationKey = { bits: layer.bits, group: layer.group, dtype: layer.dtype, pool: layer.pool, scales: layer.scales ?? 'fp32' };
     const id = specializationId(key);
     let s = byId.get(id);
     if (!s) {

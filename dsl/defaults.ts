@@ -1,6 +1,7 @@
 // What a spec gets when it does not say. QA-LoRA settings follow the paper's reference code (4-bit, group 32,
 // rank 64, alpha 16, dropout 0.05, mean pooling), except the activation dtype: fp32, the one every backend
-// runs and the one the reference checks bit-for-bit; ask for fp16/bf16 explicitly. specs/README.md lists these.
+// runs and the one the reference checks bit-for-bit; ask for fp16/bf16 explicitly. Scales (α, β) default to fp32 for
+// the same reason; `scales fp16` is opt-in (it rounds what min-max quantization computes). specs/README.md lists these.
 import type { Projection, QaloraSettings } from './resolved.ts';
 
 export const DEFAULT_SETTINGS: Readonly<QaloraSettings> = {
@@ -11,6 +12,7 @@ export const DEFAULT_SETTINGS: Readonly<QaloraSettings> = {
   dropout: 0.05,
   pool: 'mean',
   dtype: 'fp32',
+  scales: 'fp32',
 };
 
 export const DEFAULT_ROPE_THETA = 10000;
@@ -20,6 +22,7 @@ export const DEFAULT_CUDA_ARCHS: readonly string[] = ['sm_80', 'sm_90'];
 export const BITS = [2, 3, 4, 8] as const;
 export const POOLS = ['mean', 'sum', 'peft'] as const;
 export const DTYPES = ['fp32', 'fp16', 'bf16'] as const;
+export const SCALE_DTYPES = ['fp32', 'fp16'] as const;
 
 /** CUDA archs qalora builds for (Ampere and newer). `a` variants enable arch-specific features (wgmma on sm_90a). */
 export const KNOWN_ARCHS: readonly string[] = [

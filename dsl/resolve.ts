@@ -100,6 +100,7 @@ function resolveLayer(c: Candidate): { layer: ResolvedLayer; group: Resolved<num
     dropout: pick('dropout', c.chain).value,
     pool: pick('pool', c.chain).value,
     dtype: pick('dtype', c.chain).value,
+    scales: pick('scales', c.chain).value,
   };
   return { layer, group, rank };
 }

@@ -5,6 +5,8 @@ export type Bits = 2 | 3 | 4 | 8;
 export type ActDType = 'fp32' | 'fp16' | 'bf16';
 /** How the adapter pools x over a group: p = c · Σ_group x with c = 1/g (mean), 1 (sum), L/g (peft). */
 export type Pool = 'mean' | 'sum' | 'peft';
+/** How α and β are stored: fp32, or fp16 (raw uint16 bits; what GGUF Q4_1 holds, 2 bits per weight less at g 32). */
+export type ScaleDType = 'fp32' | 'fp16';
 export type Projection = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down';
 export const PROJECTIONS: readonly Projection[] = ['q', 'k', 'v', 'o', 'gate', 'up', 'down'];
 
@@ -17,6 +19,7 @@ export interface QaloraSettings {
   dropout: number;
   pool: Pool;
   dtype: ActDType;
+  scales: ScaleDType;
 }
 
 export interface ModelShape {

@@ -39,7 +39,7 @@ const ALIASES: Record<string, string> = {
   r: 'rank', lora_r: 'rank', lora_rank: 'rank',
   lora_alpha: 'alpha', lora_dropout: 'dropout',
   wbits: 'bits', nbits: 'bits', bit: 'bits',
-  pooling: 'pool', act_dtype: 'dtype', torch_dtype: 'dtype', activation: 'dtype',
+  pooling: 'pool', scale: 'scales', scale_dtype: 'scales', scales_dtype: 'scales', act_dtype: 'dtype', torch_dtype: 'dtype', activation: 'dtype',
   target_modules: 'adapters', adapter: 'adapters',
   in_features: 'in', out_features: 'out',
   arch: 'archs', cuda_archs: 'archs', gpu_archs: 'archs',

@@ -4,7 +4,7 @@
 // only when the syntax was sound, because a recovered parse may have dropped the very key they would miss.
 import type { AstItem, AstValue } from './ast.ts';
 import type { Diagnostic, Loc } from './diagnostics.ts';
-import { BITS, DTYPES, KNOWN_ARCHS, LLAMA_KEYS, MIN_CUDA_ARCH, POOLS } from './defaults.ts';
+import { BITS, DTYPES, KNOWN_ARCHS, LLAMA_KEYS, MIN_CUDA_ARCH, POOLS, SCALE_DTYPES } from './defaults.ts';
 import {
   Reporter, checkIdentifier, noBlock, noValues, readChoice, readItems, readNames, readNumber, type Setting,
 } from './read.ts';
@@ -13,7 +13,7 @@ import { suggest, suggestionHint } from './suggest.ts';
 import { resolve } from './resolve.ts';
 
 export type QKey = keyof QaloraSettings;
-export const QKEYS: readonly QKey[] = ['bits', 'group', 'rank', 'alpha', 'dropout', 'pool', 'dtype'];
+export const QKEYS: readonly QKey[] = ['bits', 'group', 'rank', 'alpha', 'dropout', 'pool', 'dtype', 'scales'];
 /** A key's setting; null when the key was given but its value was bad (already reported). */
 export type Settings = { [K in QKey]?: Setting<QaloraSettings[K]> | null };
 
@@ -247,6 +247,7 @@ function readSettings(r: Reporter, items: readonly AstItem[], where: string, ext
     dropout: (it) => (s.dropout = readDropout(r, it)),
     pool: (it) => (s.pool = readChoice(r, it, POOLS, 'pooling') ?? null),
     dtype: (it) => (s.dtype = readChoice(r, it, DTYPES, 'activation dtype') ?? null),
+    scales: (it) => (s.scales = readChoice(r, it, SCALE_DTYPES, 'scale dtype') ?? null),
     ...extra,
   }, { misplaced: { include: '`include` is only allowed at the top level of a file' } });
   return s;

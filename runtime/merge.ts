@@ -4,12 +4,13 @@
 import { poolScale, PROJECTIONS } from '../dsl/resolved.ts';
 import { QaloraError } from './errors.ts';
 import type { KernelSet } from './native.ts';
-import type { Adapter, AdapterSet, BackendName, FloatLinear, Linear, LlamaWeights, ProjectionName, QuantLinear } from './model/types.ts';
+import type { Adapter, AdapterSet, BackendName, FloatLinear, Linear, LlamaWeights, ProjectionName, QuantLinear, ScaleArray } from './model/types.ts';
+import { newScales, scaleValues, scalesOf, storeScales } from './model/scales.ts';
 import { merge as referenceMerge } from './reference/qalora.ts';
 import { specializationId } from './model/native-ops.ts';
 
-/** Computes β' for one quantized layer and its adapter. */
-export type BetaMerger = (lin: QuantLinear, ad: Adapter, where: string) => Float32Array;
+/** Computes β' for one quantized layer and its adapter, in the layer's scale storage (fp16 scales: rounded once). */
+export type BetaMerger = (lin: QuantLinear, ad: Adapter, where: string) => ScaleArray;
 
 
 function layerArgs(lin: QuantLinear, ad: Adapter) {
@@ -26,16 +27,17 @@ export function kernelMerger(kernels: Partial<Record<BackendName, Record<string,
     const id = specializationId(lin.settings);
     const set = kernels[backend]?.[id];
     if (!set) throw new QaloraError(`${where}: no ${backend} kernels for specialization ${id}; was the model built with this spec?`);
-    const out = new Float32Array(lin.beta.length);
+    const out = newScales(scalesOf(lin.settings), lin.beta.length);
     set.merge(layerArgs(lin, ad), out);
     return out;
   };
 }
 
-/** The float64 reference merge rounded to fp32 (for tests and machines without the addon). */
+/** The float64 reference merge rounded to the scale storage (for tests and machines without the addon). */
 export const referenceMerger: BetaMerger = (lin, ad) => {
   const s = lin.settings;
-  return Float32Array.from(referenceMerge({ ...layerArgs(lin, ad), bits: s.bits, group: s.group, pool: s.pool }));
+  const args = { ...layerArgs(lin, ad), alpha: scaleValues(lin.alpha), beta: scaleValues(lin.beta) };
+  return storeScales(referenceMerge({ ...args, bits: s.bits, group: s.group, pool: s.pool }), scalesOf(s));
 };
 
 function checkAdapter(lin: Linear, ad: Adapter, where: string): void {
@@ -73,6 +75,11 @@ export interface MergeReport {
   float: number;
   /** Largest |β' − β| (quantized layers) or |W' − W| (float layers). */
   maxShift: number;
+  /**
+   * Layers with fp16 scales: the largest |β'_stored − (β + s·c·B·A)| against the float64 merge — the one fp16
+   * rounding of β' (at most half an ulp of β'); 0 when every merged layer has fp32 scales (exact up to fp32).
+   */
+  fp16Rounding: number;
 }
 
 /**
@@ -81,7 +88,7 @@ export interface MergeReport {
  */
 export function mergeAdapters(w: LlamaWeights, adapters: AdapterSet, merger: BetaMerger = referenceMerger): { weights: LlamaWeights; report: MergeReport } {
   if (adapters.length > w.blocks.length) throw new QaloraError(`adapters for ${adapters.length} blocks but the model has ${w.blocks.length}`);
-  const report: MergeReport = { quant: 0, float: 0, maxShift: 0 };
+  const report: MergeReport = { quant: 0, float: 0, maxShift: 0, fp16Rounding: 0 };
   const blocks = w.blocks.map((b, l) => {
     const proj = { ...b.proj };
     for (const p of PROJECTIONS as readonly ProjectionName[]) {
@@ -92,7 +99,13 @@ export function mergeAdapters(w: LlamaWeights, adapters: AdapterSet, merger: Bet
       checkAdapter(lin, ad, where);
       if (lin.kind === 'quant') {
         const beta = merger(lin, ad, where);
-        for (let i = 0; i < beta.length; i++) report.maxShift = Math.max(report.maxShift, Math.abs(beta[i] - lin.beta[i]));
+        const before = scaleValues(lin.beta), after = scaleValues(beta);
+        for (let i = 0; i < after.length; i++) report.maxShift = Math.max(report.maxShift, Math.abs(after[i] - before[i]));
+        if (scalesOf(lin.settings) === 'fp16') {
+          const s = lin.settings;
+          const exact = referenceMerge({ ...layerArgs(lin, ad), alpha: scaleValues(lin.alpha), beta: before, bits: s.bits, group: s.group, pool: s.pool });
+          for (let i = 0; i < after.length; i++) report.fp16Rounding = Math.max(report.fp16Rounding, Math.abs(after[i] - exact[i]));
+        }
         proj[p] = { ...lin, beta };
         report.quant++;
       } else {

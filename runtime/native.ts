@@ -10,13 +10,16 @@ import { compileAndBuild, defaultOutDir, generatedRoot } from '../compiler/index
 import type { KernelPlan } from '../compiler/ir.ts';
 import type { Manifest } from '../compiler/manifest.ts';
 import type { RenderOptions } from '../compiler/render.ts';
-import type { BackendName } from './model/types.ts';
+import type { BackendName, ScaleArray } from './model/types.ts';
 
-/** One layer call; the addon checks every array against these sizes. loraA/loraB are needed when rank > 0. */
-export interface LayerCallArgs {
+/**
+ * One layer call; the addon checks every array against these sizes. loraA/loraB are needed when rank > 0.
+ * alpha and beta are in the specialization's scale storage (KernelSet.scales): the addon refuses the other one.
+ */
+export interface LayerCallArgs<S extends ScaleArray = ScaleArray> {
   qweight: Uint32Array;
-  alpha: Float32Array;
-  beta: Float32Array;
+  alpha: S;
+  beta: S;
   loraA?: Float32Array;
   loraB?: Float32Array;
   m: number;
@@ -33,14 +36,16 @@ export interface LayerCallArgs {
 /** fp32 activations are Float32Array; fp16/bf16 are Uint16Array of raw bits. */
 export type Activation = Float32Array | Uint16Array;
 
-export interface KernelSet<A extends Activation = Activation> {
+export interface KernelSet<A extends Activation = Activation, S extends ScaleArray = ScaleArray> {
   readonly bits: number;
   readonly group: number;
-  quantize(w: Float32Array, out: number, inFeatures: number, qweight: Uint32Array, alpha: Float32Array, beta: Float32Array): void;
-  dequantize(qweight: Uint32Array, alpha: Float32Array, beta: Float32Array, out: number, inFeatures: number, w: Float32Array): void;
-  forward(args: LayerCallArgs, x: A, y: A): void;
-  backward(args: LayerCallArgs, x: A, dy: A, dx: A, gradA: Float32Array, gradB: Float32Array): void;
-  merge(args: LayerCallArgs, betaOut: Float32Array): void;
+  /** Storage of α and β: 'fp32' takes Float32Array, 'fp16' Uint16Array of fp16 bits. */
+  readonly scales: 'fp32' | 'fp16';
+  quantize(w: Float32Array, out: number, inFeatures: number, qweight: Uint32Array, alpha: S, beta: S): void;
+  dequantize(qweight: Uint32Array, alpha: S, beta: S, out: number, inFeatures: number, w: Float32Array): void;
+  forward(args: LayerCallArgs<S>, x: A, y: A): void;
+  backward(args: LayerCallArgs<S>, x: A, dy: A, dx: A, gradA: Float32Array, gradB: Float32Array): void;
+  merge(args: LayerCallArgs<S>, betaOut: S): void;
 }
 
 /** Core ops as declared in templates/{core,cpu}/*.ops.json; exact signatures are in generated/<spec>/bindings.ts. */

@@ -7,7 +7,7 @@ import type { ResolvedLayer, ResolvedSpec } from '../dsl/resolved.ts';
 import { repoRoot } from './fixtures.ts';
 
 export function layer(name: string, over: Partial<ResolvedLayer> = {}): ResolvedLayer {
-  return { name, inFeatures: 64, outFeatures: 16, bits: 4, group: 32, rank: 2, alpha: 4, dropout: 0, pool: 'mean', dtype: 'fp32', count: 1, ...over };
+  return { name, inFeatures: 64, outFeatures: 16, bits: 4, group: 32, rank: 2, alpha: 4, dropout: 0, pool: 'mean', dtype: 'fp32', scales: 'fp32', count: 1, ...over };
 }
 
 export function spec(name: string, layers: ResolvedLayer[], cuda: string[] | null = null): ResolvedSpec {
@@ -30,10 +30,10 @@ export function removeTempDirs(): void {
 const SCRATCH_CPU = `#include "qalora_common.h"
 {% for s in specializations %}
 namespace qalora::cpu::{{ s.id }} {
-void quantize(const float* w, int64_t out, int64_t in, uint32_t* q, float* alpha, float* beta) {
-  q[0] = {{ s.bits }}; alpha[0] = w[0] + (float)out; beta[0] = (float)in;
+void quantize(const float* w, int64_t out, int64_t in, uint32_t* q, void* alpha, void* beta) {
+  q[0] = {{ s.bits }}; static_cast<float*>(alpha)[0] = w[0] + (float)out; static_cast<float*>(beta)[0] = (float)in;
 }
-void dequantize(const uint32_t* q, const float*, const float*, int64_t, int64_t, float* w) { w[0] = (float)q[0] + {{ s.group }}; }
+void dequantize(const uint32_t* q, const void*, const void*, int64_t, int64_t, float* w) { w[0] = (float)q[0] + {{ s.group }}; }
 void forward(const LayerArgs& a, const void*, void* y) {
 {% if s.dtype == 'fp32' %}
   static_cast<float*>(y)[0] = (float)(a.m * 1000 + a.rank) + a.scale;
@@ -42,7 +42,9 @@ void forward(const LayerArgs& a, const void*, void* y) {
 {% endif %}
 }
 void backward(const LayerArgs& a, const void*, const void*, void*, float* ga, float*) { if (a.rank) ga[0] = a.pool_scale; }
-void merge(const LayerArgs& a, float* beta_out) { beta_out[0] = a.beta[0] + (a.training ? 1.f : 0.f) + (float)a.seed; }
+void merge(const LayerArgs& a, void* beta_out) {
+  static_cast<float*>(beta_out)[0] = static_cast<const float*>(a.beta)[0] + (a.training ? 1.f : 0.f) + (float)a.seed;
+}
 }  // namespace qalora::cpu::{{ s.id }}
 {% endfor %}
 `;

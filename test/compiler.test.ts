@@ -46,7 +46,9 @@ describe('plan', () => {
       expect(planned.count).toBe(l.count);
     }
     expect(plan.specializations.find((s) => s.id === 'b4_g32_fp32_mean')!.layers).toEqual(['q', 'k', 'up']);
-    expect(specializationId({ bits: 8, group: 128, dtype: 'bf16', pool: 'peft' })).toBe('b8_g128_bf16_peft');
+    expect(specializationId({ bits: 8, group: 128, dtype: 'bf16', pool: 'peft', scales: 'fp32' })).toBe('b8_g128_bf16_peft');
+    // fp16 scales are a specialization of their own; fp32 ones keep the id they always had
+    expect(specializationId({ bits: 4, group: 32, dtype: 'fp32', pool: 'mean', scales: 'fp16' })).toBe('b4_g32_fp32_mean_s16');
   });
 
   it('chooses CPU blocking and CUDA tiles per specialization', () => {

@@ -14,7 +14,7 @@ const update = process.env.QALORA_UPDATE_GOLDEN === '1';
 /** What the golden file holds: the diagnostics as a user sees them, then the count. */
 function render(name: string): string {
   const result = loadSpec(name, (p) => readFileSync(join(dir, p), 'utf8'));
-  const resolved = result.spec ? `resolved: ${result.spec.layers.map((l) => `${l.name} ${l.inFeatures}→${l.outFeatures} b${l.bits} g${l.group} r${l.rank}`).join(', ')}\n` : '';
+  const resolved = result.spec ? `resolved: ${result.spec.layers.map((l) => `${l.name} ${l.inFeatures}→${l.outFeatures} b${l.bits} g${l.group} r${l.rank}${l.scales === 'fp16' ? ' s16' : ''}`).join(', ')}\n` : '';
   return formatDiagnostics(result.diagnostics, result.sources) + summarize(result.diagnostics) + '\n' + resolved;
 }
 

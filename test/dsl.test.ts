@@ -139,8 +139,8 @@ describe('defaults and inheritance', () => {
     const spec = parseSpec('spec probe { qalora { rank 4 } layer a { in 256 out 10 } layer b { in 172 out 3 group 43 bits 3 rank 0 } }', 'p.qal').spec!;
     expect(spec.model).toBeUndefined();
     expect(spec.layers).toEqual([
-      { name: 'a', inFeatures: 256, outFeatures: 10, count: 1, bits: 4, group: 32, rank: 4, alpha: 16, dropout: 0.05, pool: 'mean', dtype: 'fp32' },
-      { name: 'b', inFeatures: 172, outFeatures: 3, count: 1, bits: 3, group: 43, rank: 0, alpha: 16, dropout: 0.05, pool: 'mean', dtype: 'fp32' },
+      { name: 'a', inFeatures: 256, outFeatures: 10, count: 1, bits: 4, group: 32, rank: 4, alpha: 16, dropout: 0.05, pool: 'mean', dtype: 'fp32', scales: 'fp32' },
+      { name: 'b', inFeatures: 172, outFeatures: 3, count: 1, bits: 3, group: 43, rank: 0, alpha: 16, dropout: 0.05, pool: 'mean', dtype: 'fp32', scales: 'fp32' },
     ]);
   });
 

@@ -13,8 +13,9 @@ import type { KernelPlan } from '../compiler/ir.ts';
 import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
 import { decodeAct, encodeAct } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
+import { newScales, scaleValues } from '../runtime/model/scales.ts';
 import {
-  absLayer, compare, type ActData, emptyAct, kernelGrid, layerData, type LayerData, randomAct, randomF32, randoms, storeEps,
+  absLayer, compare, type ActData, emptyAct, gridId, kernelGrid, layerData, type LayerData, randomAct, randomF32, randoms, storeEps,
   type GridCase,
 } from './kernel-grid.ts';
 
@@ -29,7 +30,7 @@ beforeAll(async () => {
   emu = k.kernels.emu!;
   cpu = k.kernels.cpu!;
   plan = k.plan;
-  expect(Object.keys(emu).sort()).toEqual(grid.keys.map((g) => `b${g.bits}_g${g.group}_${g.dtype}_${g.pool}`).sort());
+  expect(Object.keys(emu).sort()).toEqual(grid.keys.map(gridId).sort());
 }, 600_000);
 
 const abs = (a: ArrayLike<number>) => Float64Array.from(a, Math.abs);
@@ -46,7 +47,7 @@ const gemvMaxRows = (c: GridCase) => plan.specializations.find((s) => s.id === c
 
 /** Ŵ as the tensor-core path holds it: α·q + β in fp32, rounded to the activation type. */
 function operandW(c: GridCase, d: LayerData): Float64Array {
-  const w = ref.dequantize(d.native.qweight, d.native.alpha, d.native.beta, c.out, c.in, c.bits, c.group);
+  const w = ref.dequantize(d.native.qweight, d.ref.alpha, d.ref.beta, c.out, c.in, c.bits, c.group);
   return decodeAct(encodeAct(Float32Array.from(w), c.dtype), c.dtype);
 }
 
@@ -83,22 +84,24 @@ function dxRoundedW(c: GridCase, d: LayerData, x: Float64Array, dy: Float64Array
 
 describe('quantize and dequantize on emu', () => {
   for (const key of grid.keys) {
-    const c = grid.cases.find((g) => g.bits === key.bits && g.group === key.group && g.dtype === key.dtype && g.pool === key.pool)!;
+    const c = grid.cases.find((g) => g.id === gridId(key))!;
     it(`${c.id}: quantize bit-identical to the reference, dequantize matches it`, () => {
       const w = randomF32(c.out * c.in, randoms(17), 2);
       w.fill(-0.625, 0, c.group); // a constant group
-      const want = ref.quantize(w, c.out, c.in, c.bits, c.group);
+      w.fill(1e-9, c.in, c.in + c.group).fill(1.5e-9, c.in, c.in + 1); // fp16 α underflows: stored as 2^-24
+      const want = ref.quantize(w, c.out, c.in, c.bits, c.group, c.scales);
       const q = new Uint32Array(want.qweight.length).fill(0xdeadbeef);
-      const alpha = new Float32Array(want.alpha.length).fill(NaN);
-      const beta = new Float32Array(want.beta.length).fill(NaN);
+      const alpha = newScales(c.scales, want.alpha.length).fill(0x7e00);
+      const beta = newScales(c.scales, want.beta.length).fill(0x7e00);
       emu[c.id].quantize(w, c.out, c.in, q, alpha, beta);
       expect(Buffer.from(q.buffer).equals(Buffer.from(want.qweight.buffer))).toBe(true);
       expect(Buffer.from(alpha.buffer).equals(Buffer.from(want.alpha.buffer))).toBe(true);
       expect(Buffer.from(beta.buffer).equals(Buffer.from(want.beta.buffer))).toBe(true);
       const wHat = new Float32Array(c.out * c.in).fill(NaN);
       emu[c.id].dequantize(q, alpha, beta, c.out, c.in, wHat);
-      const refHat = ref.dequantize(q, alpha, beta, c.out, c.in, c.bits, c.group);
-      const bound = ref.dequantize(q, abs(alpha), abs(beta), c.out, c.in, c.bits, c.group);
+      const av = scaleValues(alpha), bv = scaleValues(beta);
+      const refHat = ref.dequantize(q, av, bv, c.out, c.in, c.bits, c.group);
+      const bound = ref.dequantize(q, abs(av), abs(bv), c.out, c.in, c.bits, c.group);
       expect(compare('w_hat', wHat, refHat, bound, 0, 2 ** -23)).toBe('');
     });
   }
@@ -155,12 +158,14 @@ describe('backward on emu against the reference (training, dropout 0.1)', () => 
 
 describe('merge on emu', () => {
   for (const key of grid.keys) {
-    const c = { ...grid.cases.find((g) => g.id === `b${key.bits}_g${key.group}_${key.dtype}_${key.pool}`)!, m: 5, rank: 8 };
+    const c = { ...grid.cases.find((g) => g.id === gridId(key))!, m: 5, rank: 8 };
     it(`${c.id}: β' = β + s·c·B·A`, () => {
       const d = layerData(c, 700);
-      const betaOut = new Float32Array(d.native.beta.length).fill(NaN);
+      const betaOut = newScales(c.scales, d.native.beta.length).fill(0x7e00);
       emu[c.id].merge(d.native, betaOut);
-      expect(compare("beta'", betaOut, ref.merge(d.ref), ref.merge(absLayer(d.ref)), 2 ** -24, 1e-6)).toBe('');
+      // fp16 scales: exact up to the one fp16 rounding of β'
+      const store = c.scales === 'fp16' ? 2 ** -11 : 2 ** -24;
+      expect(compare("beta'", scaleValues(betaOut), ref.merge(d.ref), ref.merge(absLayer(d.ref)), store, 1e-6)).toBe('');
     });
   }
 });

@@ -73,7 +73,7 @@ describe('GPTQ export', () => {
     const cfg = { dim: 64, hidden: 128, layers: 2, heads: 4, kvHeads: 2, vocab: 32, context: 64, ropeTheta: 10000, normEps: 1e-5, tiedClassifier: true };
     let seed = 99;
     const rnd = (n: number) => Float32Array.from({ length: n }, () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32 - 0.5) * 0.2);
-    const settings = { bits: 4 as const, group: 32, rank: 4, alpha: 8, dropout: 0, pool: 'mean' as const, dtype: 'fp32' as const };
+    const settings = { bits: 4 as const, group: 32, rank: 4, alpha: 8, dropout: 0, pool: 'mean' as const, dtype: 'fp32' as const, scales: 'fp32' as const };
     const quant = (out: number, inF: number): QuantLinear => ({ kind: 'quant', out, in: inF, settings, ...refQuantize(rnd(out * inF), out, inF, 4, 32) });
     const emb = rnd(cfg.vocab * cfg.dim);
     const w: LlamaWeights = {

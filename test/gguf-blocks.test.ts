@@ -4,7 +4,7 @@
 // dequantized to fp32; a spec that disagrees is an error naming both; and the round trip no other tool offers —
 // GGUF in → train → merge → GGUF out — gives a file llama.cpp runs, with every tensor the adapter did not touch
 // byte-identical to the input's.
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Llama } from 'node-llama-cpp';
@@ -27,6 +27,9 @@ import { cpuLlama, expectSameGreedy, llamaCppGreedy } from './llama-cpp.ts';
 import { shakespeareSlice, STORIES, TOK } from './train-fixture.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'qalora-gguf-blocks-'));
+// stories260k.qal with `scales fp16` on q (the rest as the spec has it): the same model as its fp32 twin above
+// wherever the file's blocks are kept.
+writeFileSync(join(dir, 'stories-s16.qal'), readFileSync(join(repoRoot, 'specs/stories260k.qal'), 'utf8').replace(/model stories260k/, 'model stories260k_s16').replace(/(adapters all_linear)/, '$1\n  override q { scales fp16 }'));
 const concat = (chunks: Uint8Array[]) => new Uint8Array(Buffer.concat(chunks));
 
 /** stories260K as a GGUF whose 32-divisible matrices are `type` blocks; `classifier` adds an untied output.weight. */
@@ -69,10 +72,13 @@ describe('GGUF Q4_0 / Q4_1 / Q8_0 files as QA-LoRA bases', () => {
       const path = await quantizedGguf(type, `m-${type}.gguf`, cls);
       const { model, impliedSpec } = await openModel({ model: path, inferred: { rank: 0 } });
       const bits = type === GgmlType.Q8_0 ? 8 : 4;
-      expect(impliedSpec).toMatch(new RegExp(`^q: bits ${bits} group 32 rank 0`, 'm'));
+      expect(impliedSpec).toMatch(new RegExp(`^q: bits ${bits} group 32 rank 0 .* scales fp16$`, 'm'));
       expect(impliedSpec).not.toMatch(/^down:/m); // in = 172 stayed F32 in the file: a float layer
       const q = model.weights.blocks[0].proj.q as QuantLinear;
       expect(q.kind).toBe('quant');
+      // d and m kept as the file's fp16 bits (`scales fp16`), the token tables too
+      expect(q.alpha).toBeInstanceOf(Uint16Array);
+      expect((model.weights.tokEmbedding as QuantLinear).alpha).toBeInstanceOf(Uint16Array);
       expect(model.weights.blocks[0].proj.down.kind).toBe('float');
       expect(model.weights.tokEmbedding).not.toBeInstanceOf(Float32Array);
       expect(model.config.tiedClassifier).toBe(cls === undefined);
@@ -81,6 +87,18 @@ describe('GGUF Q4_0 / Q4_1 / Q8_0 files as QA-LoRA bases', () => {
       expect(maxRelDiff(ours, theirs)).toBeLessThan(2e-5);
     });
   }
+
+  it('a spec asking fp32 scales widens the file\'s fp16 d and m exactly: the same logits', async () => {
+    const path = await quantizedGguf(GgmlType.Q4_1, 'q4_1-widen.gguf');
+    const spec = join(repoRoot, 'specs/stories260k.qal'); // 4-bit g32, scales fp32 (down: g43, quantized from F32)
+    const wide = (await openModel({ model: path, spec })).model;
+    const q = wide.weights.blocks[0].proj.q as QuantLinear;
+    expect(q.settings.scales).toBe('fp32');
+    expect(q.alpha).toBeInstanceOf(Float32Array);
+    const narrow = (await openModel({ model: path, spec: join(dir, 'stories-s16.qal') })).model;
+    expect((narrow.weights.blocks[0].proj.q as QuantLinear).alpha).toBeInstanceOf(Uint16Array);
+    expect(maxRelDiff(wide.logits(TOKENS, 1, TOKENS.length), narrow.logits(TOKENS, 1, TOKENS.length))).toBe(0);
+  });
 
   it('a spec that disagrees with the blocks is an error naming both, unless --requantize', async () => {
     const path = await quantizedGguf(GgmlType.Q8_0, 'q8.gguf');

@@ -185,7 +185,7 @@ describe('GPTQ', () => {
     for (let i = 0; i < n; i++) xd[i * inF + 5] = 0;
     const acc = new HessianAccumulator(native, inF);
     acc.add(xd);
-    const lin = gptqQuantizeLinear(native, { kind: 'float', out, in: inF, w }, acc.h, { bits: 4, group: 32, rank: 8, alpha: 16, dropout: 0, pool: 'mean', dtype: 'fp32' });
+    const lin = gptqQuantizeLinear(native, { kind: 'float', out, in: inF, w }, acc.h, { bits: 4, group: 32, rank: 8, alpha: 16, dropout: 0, pool: 'mean', dtype: 'fp32', scales: 'fp32' });
     expect(lin.alpha.every(Number.isFinite) && lin.beta.every(Number.isFinite)).toBe(true);
     expect(lin.qweight.length).toBe(out * 4 * 4);
     expect(() => gptqQuantize(native, w, out, inF, acc.h, { bits: 4, group: 48 })).toThrow(/group 48 must divide in_features 128/);

@@ -1,10 +1,11 @@
 // The property grid every kernel backend (cpu, cuda, emu) is checked on against runtime/reference/: bits
 // {2,3,4,8} × groups {32, 64, 128, 43} for fp32, a diagonal of it for fp16 and bf16, plus the sum and peft
-// pooling conventions; odd output sizes; ranks {1, 8, 64} and rows M {1, 3, 64, 257} as runtime values.
+// pooling conventions, fp16 scales (`scales fp16`) for every bits value over several groups; odd output sizes; ranks {1, 8, 64} and rows M {1, 3, 64, 257} as runtime values.
 // Built in code as a ResolvedSpec of standalone layers (one per specialization), so it does not depend on
 // the DSL. Below the grid: random layer data for a case, as arguments of both the native kernels and the
 // float64 reference, and tolerances derived from how a result was accumulated and stored.
-import type { ActDType, Bits, Pool, ResolvedLayer, ResolvedSpec, Targets } from '../dsl/resolved.ts';
+import type { ActDType, Bits, Pool, ResolvedLayer, ResolvedSpec, ScaleDType, Targets } from '../dsl/resolved.ts';
+import { scaleValues } from '../runtime/model/scales.ts';
 import { poolScale } from '../dsl/resolved.ts';
 import type { Activation, LayerCallArgs } from '../runtime/native.ts';
 import { decodeAct, encodeAct } from '../runtime/reference/numeric.ts';
@@ -16,11 +17,12 @@ export interface GridKey {
   group: number;
   dtype: ActDType;
   pool: Pool;
+  scales: ScaleDType;
 }
 
 /** One kernel call to check: a layer of the grid spec with runtime sizes. */
 export interface GridCase extends GridKey {
-  /** Specialization id, b{bits}_g{group}_{dtype}_{pool}. */
+  /** Specialization id, b{bits}_g{group}_{dtype}_{pool}[_s16]. */
   id: string;
   /** The spec layer using this specialization. */
   layer: string;
@@ -51,20 +53,24 @@ export function gridIn(group: number): number {
 
 function gridKeys(): GridKey[] {
   const keys: GridKey[] = [];
-  for (const bits of GRID_BITS) for (const group of GRID_GROUPS) keys.push({ bits, group, dtype: 'fp32', pool: 'mean' });
+  const s32 = 'fp32' as const;
+  for (const bits of GRID_BITS) for (const group of GRID_GROUPS) keys.push({ bits, group, dtype: 'fp32', pool: 'mean', scales: s32 });
   // A diagonal per half-precision dtype: every bits value and every group appears once in each.
   GRID_BITS.forEach((bits, i) => {
-    keys.push({ bits, group: GRID_GROUPS[i], dtype: 'fp16', pool: 'mean' });
-    keys.push({ bits, group: GRID_GROUPS[(i + 1) % 4], dtype: 'bf16', pool: 'mean' });
+    keys.push({ bits, group: GRID_GROUPS[i], dtype: 'fp16', pool: 'mean', scales: s32 });
+    keys.push({ bits, group: GRID_GROUPS[(i + 1) % 4], dtype: 'bf16', pool: 'mean', scales: s32 });
   });
-  keys.push({ bits: 4, group: 32, dtype: 'fp32', pool: 'sum' });
-  keys.push({ bits: 3, group: 43, dtype: 'fp16', pool: 'sum' });
-  keys.push({ bits: 4, group: 64, dtype: 'fp32', pool: 'peft' });
-  keys.push({ bits: 2, group: 43, dtype: 'bf16', pool: 'peft' });
+  keys.push({ bits: 4, group: 32, dtype: 'fp32', pool: 'sum', scales: s32 });
+  keys.push({ bits: 3, group: 43, dtype: 'fp16', pool: 'sum', scales: s32 });
+  keys.push({ bits: 4, group: 64, dtype: 'fp32', pool: 'peft', scales: s32 });
+  keys.push({ bits: 2, group: 43, dtype: 'bf16', pool: 'peft', scales: s32 });
+  // fp16 scales: every bits value, each with another group (the odd 43 included), and one fp16-activation case.
+  GRID_BITS.forEach((bits, i) => keys.push({ bits, group: GRID_GROUPS[(i + 2) % 4], dtype: 'fp32', pool: 'mean', scales: 'fp16' }));
+  keys.push({ bits: 4, group: 32, dtype: 'fp16', pool: 'mean', scales: 'fp16' });
   return keys;
 }
 
-export const gridId = (k: GridKey): string => `b${k.bits}_g${k.group}_${k.dtype}_${k.pool}`;
+export const gridId = (k: GridKey): string => `b${k.bits}_g${k.group}_${k.dtype}_${k.pool}${k.scales === 'fp16' ? '_s16' : ''}`;
 
 /**
  * The grid spec and its cases. Each specialization gets two cases; (M, rank) pairs rotate over the grid so that
@@ -140,13 +146,16 @@ export interface LayerData {
   w: Float32Array;
 }
 
-/** A quantized layer (quantized by the reference) with a random adapter, as native and reference arguments. */
+/**
+ * A quantized layer (quantized by the reference) with a random adapter, as native and reference arguments; the
+ * native α/β are in the case's scale storage, the reference's are their values.
+ */
 export function layerData(c: GridCase, seed: number, opts: { training?: boolean; rank?: number } = {}): LayerData {
   const rnd = randoms(seed);
   const rank = opts.rank ?? c.rank;
   const L = c.in / c.group;
   const w = randomF32(c.out * c.in, rnd, 0.5);
-  const { qweight, alpha, beta } = quantize(w, c.out, c.in, c.bits, c.group);
+  const { qweight, alpha, beta } = quantize(w, c.out, c.in, c.bits, c.group, c.scales);
   const loraA = randomF32(rank * L, rnd, 0.5);
   const loraB = randomF32(c.out * rank, rnd, 0.5);
   const native: LayerCallArgs = {
@@ -158,7 +167,7 @@ export function layerData(c: GridCase, seed: number, opts: { training?: boolean;
     training: opts.training ?? false,
     seed: 0x5eed + seed,
   };
-  return { native, ref: { ...native, bits: c.bits, group: c.group, pool: c.pool }, w };
+  return { native, ref: { ...native, alpha: scaleValues(alpha), beta: scaleValues(beta), bits: c.bits, group: c.group, pool: c.pool }, w };
 }
 
 /** The same layer with every weight replaced by its absolute value: the reference on it bounds |terms|. */

@@ -6,8 +6,9 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
 import { decodeAct } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
+import { newScales, scaleValues } from '../runtime/model/scales.ts';
 import {
-  absLayer, compare, type ActData, emptyAct, kernelGrid, layerData, randomAct, randomF32, randoms, storeEps, type GridCase,
+  absLayer, compare, type ActData, emptyAct, gridId, kernelGrid, layerData, randomAct, randomF32, randoms, storeEps, type GridCase,
 } from './kernel-grid.ts';
 
 const grid = kernelGrid();
@@ -16,7 +17,8 @@ let cpu: Record<string, KernelSet>;
 beforeAll(async () => {
   const k = await loadKernels(grid.spec, { jobs: 2 });
   cpu = k.kernels.cpu!;
-  expect(Object.keys(cpu).sort()).toEqual(grid.keys.map((g) => `b${g.bits}_g${g.group}_${g.dtype}_${g.pool}`).sort());
+  expect(Object.keys(cpu).sort()).toEqual(grid.keys.map(gridId).sort());
+  for (const key of grid.keys) expect(cpu[gridId(key)].scales).toBe(key.scales);
 });
 
 const abs = (a: ArrayLike<number>) => Float64Array.from(a, Math.abs);
@@ -56,27 +58,33 @@ function checkBackward(c: GridCase, seed: number): string[] {
 
 describe('quantize and dequantize', () => {
   for (const key of grid.keys) {
-    const c = grid.cases.find((g) => g.bits === key.bits && g.group === key.group && g.dtype === key.dtype && g.pool === key.pool)!;
+    const c = grid.cases.find((g) => g.id === gridId(key))!;
     it(`${c.id}: quantize is bit-identical to the reference, dequantize matches it`, () => {
       const w = randomF32(c.out * c.in, randoms(7), 2);
       w.fill(0.375, 0, c.group); // a constant group: α = 1, q = 0
       for (let i = c.in; i < c.in + c.group; i++) w[i] = i % 2 ? -1.25 : 3.5; // two values: q ∈ {0, qmax}
-      const want = ref.quantize(w, c.out, c.in, c.bits, c.group);
+      w.fill(1e-9, 2 * c.in, 2 * c.in + c.group).fill(1.5e-9, 2 * c.in, 2 * c.in + 1); // fp16 α underflows: 2^-24
+      const want = ref.quantize(w, c.out, c.in, c.bits, c.group, c.scales);
       const q = new Uint32Array(want.qweight.length).fill(0xdeadbeef);
-      const alpha = new Float32Array(want.alpha.length).fill(NaN);
-      const beta = new Float32Array(want.beta.length).fill(NaN);
+      const alpha = newScales(c.scales, want.alpha.length).fill(0x7e00);
+      const beta = newScales(c.scales, want.beta.length).fill(0x7e00);
       cpu[c.id].quantize(w, c.out, c.in, q, alpha, beta);
       expect(Buffer.from(q.buffer).equals(Buffer.from(want.qweight.buffer))).toBe(true);
       expect(Buffer.from(alpha.buffer).equals(Buffer.from(want.alpha.buffer))).toBe(true);
       expect(Buffer.from(beta.buffer).equals(Buffer.from(want.beta.buffer))).toBe(true);
       const wHat = new Float32Array(c.out * c.in);
       cpu[c.id].dequantize(q, alpha, beta, c.out, c.in, wHat);
-      const refHat = ref.dequantize(q, alpha, beta, c.out, c.in, c.bits, c.group);
-      const bound = ref.dequantize(q, abs(alpha), abs(beta), c.out, c.in, c.bits, c.group);
+      const av = scaleValues(alpha), bv = scaleValues(beta);
+      const refHat = ref.dequantize(q, av, bv, c.out, c.in, c.bits, c.group);
+      const bound = ref.dequantize(q, abs(av), abs(bv), c.out, c.in, c.bits, c.group);
       expect(compare('w_hat', wHat, refHat, bound, 0, 2 ** -23)).toBe('');
-      // Round to nearest: the quantization error is at most half a step.
+      // Round to nearest against the stored scales: at most half a step, plus (fp16 scales) what rounding α and
+      // β moved the ends of the grid: 2^-11·(|β| + qmax·α) (qalora_common.h).
+      const qmax = 2 ** c.bits - 1;
       for (let i = 0; i < w.length; i++) {
-        expect(Math.abs(wHat[i] - w[i])).toBeLessThanOrEqual(alpha[Math.floor(i / c.group)] * 0.5 * (1 + 1e-5) + 1e-6);
+        const k = Math.floor(i / c.group), a = av[k];
+        const ends = c.scales === 'fp16' ? 2 ** -11 * (Math.abs(bv[k]) + qmax * a) * (1 + 2 ** -10) : 0;
+        expect(Math.abs(wHat[i] - w[i])).toBeLessThanOrEqual(a * 0.5 * (1 + 1e-5) + ends + 1e-6);
       }
     });
   }
@@ -148,23 +156,27 @@ describe('backward by finite differences of the native forward', () => {
 
 describe('merge', () => {
   for (const key of grid.keys) {
-    const c = { ...grid.cases.find((g) => g.id === `b${key.bits}_g${key.group}_${key.dtype}_${key.pool}`)!, m: 5, rank: 8 };
+    const c = { ...grid.cases.find((g) => g.id === gridId(key))!, m: 5, rank: 8 };
+    // fp16 scales: β' is the fp32 sum rounded once to fp16, so it is exact up to that half ulp (2^-11), and the
+    // merged forward differs from the unmerged one by at most that rounding times Σ|x| per group.
+    const scaleEps = c.scales === 'fp16' ? 2 ** -11 : 2 ** -24;
     it(`${c.id}: β' = β + s·c·B·A; merged forward equals unmerged forward; q and α untouched`, () => {
       const d = layerData(c, 700);
       const q0 = d.native.qweight.slice();
       const alpha0 = d.native.alpha.slice();
-      const betaOut = new Float32Array(d.native.beta.length).fill(NaN);
+      const betaOut = newScales(c.scales, d.native.beta.length).fill(0x7e00);
       cpu[c.id].merge(d.native, betaOut);
       expect(Buffer.from(d.native.qweight.buffer).equals(Buffer.from(q0.buffer))).toBe(true);
       expect(Buffer.from(d.native.alpha.buffer).equals(Buffer.from(alpha0.buffer))).toBe(true);
-      expect(compare("beta'", betaOut, ref.merge(d.ref), ref.merge(absLayer(d.ref)), 2 ** -24, 1e-6)).toBe('');
+      expect(compare("beta'", scaleValues(betaOut), ref.merge(d.ref), ref.merge(absLayer(d.ref)), scaleEps, 1e-6)).toBe('');
 
       const x = randomAct(c, c.m * c.in, randoms(701));
       const unmerged = runForward(c, cpu[c.id], d.native, x);
       const mergedArgs = { ...d.native, beta: betaOut, rank: 0, scale: 0, loraA: undefined, loraB: undefined };
       const merged = runForward(c, cpu[c.id], mergedArgs, x);
       const bound = ref.forward(absLayer(d.ref), abs(x.values));
-      expect(compare('merged y', merged, unmerged, bound, 2 * storeEps(c.dtype))).toBe('');
+      const accEps = c.scales === 'fp16' ? 2 ** -11 + 1e-6 : 1e-6;
+      expect(compare('merged y', merged, unmerged, bound, 2 * storeEps(c.dtype), accEps)).toBe('');
     });
   }
 });
@@ -205,16 +217,16 @@ describe('dropout', () => {
 });
 
 describe('portable build (QALORA_CPU_ISA=portable)', () => {
-  const picks = grid.cases.filter((c, i) => i % 7 === 0);
+  const picks = grid.cases.filter((c, i) => i % 7 === 0 || (c.scales === 'fp16' && i % 2 === 0));
   for (const c of picks) {
     it(caseName(c), () => {
       process.env.QALORA_CPU_ISA = 'portable';
       try {
         const w = randomF32(c.out * c.in, randoms(1000));
-        const want = ref.quantize(w, c.out, c.in, c.bits, c.group);
+        const want = ref.quantize(w, c.out, c.in, c.bits, c.group, c.scales);
         const q = new Uint32Array(want.qweight.length);
-        const alpha = new Float32Array(want.alpha.length);
-        const beta = new Float32Array(want.beta.length);
+        const alpha = newScales(c.scales, want.alpha.length);
+        const beta = newScales(c.scales, want.beta.length);
         cpu[c.id].quantize(w, c.out, c.in, q, alpha, beta);
         expect([q, alpha, beta].map((a) => Buffer.from(a.buffer).toString('base64'))).toEqual(
           [want.qweight, want.alpha, want.beta].map((a) => Buffer.from(a.buffer).toString('base64')),

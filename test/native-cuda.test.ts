@@ -13,7 +13,7 @@ const nvcc = spawnSync('nvcc', ['--version']).status === 0;
 const spec: ResolvedSpec = {
   name: 'native_all_backends',
   file: '<native-cuda.test>',
-  layers: [{ name: 'proj', inFeatures: 96, outFeatures: 24, bits: 4, group: 32, rank: 3, alpha: 6, dropout: 0, pool: 'mean', dtype: 'fp32', count: 1 }],
+  layers: [{ name: 'proj', inFeatures: 96, outFeatures: 24, bits: 4, group: 32, rank: 3, alpha: 6, dropout: 0, pool: 'mean', dtype: 'fp32', scales: 'fp32', count: 1 }],
   targets: { cpu: true, cuda: { archs: ['sm_80'] } },
 };
 

@@ -26,9 +26,10 @@ const TOL: Record<ActDType, number> = { fp32: 1e-4, fp16: 4e-3, bf16: 2e-2 };
 
 function tinyGrid(): { spec: ResolvedSpec; cases: GridCase[] } {
   const keys = [
-    { bits: 4, group: 32, dtype: 'fp16', pool: 'mean' },
-    { bits: 3, group: 43, dtype: 'fp32', pool: 'sum' },
-    { bits: 2, group: 64, dtype: 'bf16', pool: 'peft' },
+    { bits: 4, group: 32, dtype: 'fp16', pool: 'mean', scales: 'fp32' },
+    { bits: 3, group: 43, dtype: 'fp32', pool: 'sum', scales: 'fp32' },
+    { bits: 2, group: 64, dtype: 'bf16', pool: 'peft', scales: 'fp32' },
+    { bits: 4, group: 32, dtype: 'fp32', pool: 'mean', scales: 'fp16' },
   ] as const;
   const layers = keys.map((k, i) => ({ ...k, name: `l_${gridId(k)}`, inFeatures: k.group === 43 ? 172 : 128, outFeatures: 40 + i, rank: 8, alpha: 16, dropout: 0.1, count: 1 }));
   const cases: GridCase[] = [];

@@ -168,7 +168,7 @@ export function inlineSpec(l: ExecLayer, backend: BackendName): ResolvedSpec {
   return {
     name: `inline-${hash}`,
     file: '<inline>',
-    layers: [{ name: 'layer', bits: l.bits, group: l.group, dtype: l.dtype, pool: l.pool, inFeatures: l.group, outFeatures: 1, rank: 1, alpha: 1, dropout: 0, count: 1 }],
+    layers: [{ name: 'layer', bits: l.bits, group: l.group, dtype: l.dtype, pool: l.pool, scales: 'fp32', inFeatures: l.group, outFeatures: 1, rank: 1, alpha: 1, dropout: 0, count: 1 }],
     targets: { cpu: true, cuda: backend === 'cpu' ? null : { archs: ['sm_80', 'sm_90'] } },
   };
 }

@@ -52,6 +52,7 @@ export function register(program: Command): void {
       saveMerged(o.out, weights, opened.model, src && (src !== o.model || carriesTokenizer) ? src : o.tokenizer, { merged_adapter: resolve(o.adapter) });
       process.stdout.write(
         `merged ${report.quant} QA-LoRA layers in ${((performance.now() - t0) / 1000).toFixed(2)} s (largest offset change ${report.maxShift.toExponential(3)}); ` +
+          (report.fp16Rounding > 0 ? `fp16 scales: β' rounded to fp16 once, largest error ${report.fp16Rounding.toExponential(3)} against the exact merge; ` : '') +
           `q and α unchanged → ${o.out}\n`,
       );
       reportPeakMemory();

@@ -13,6 +13,7 @@ import { loadSpecOrFail } from '../../compiler/spec-file.ts';
 import { formatBytes } from '../progress.ts';
 import { announceImpliedSpec, peakRssBytes } from './report.ts';
 import { requantizeOption } from './options.ts';
+import { OpProfile } from '../model/profile.ts';
 
 const FLAG_KEYS: Record<string, keyof TrainConfig> = {
   model: 'model', tokenizer: 'tokenizer', spec: 'spec', data: 'data', format: 'format', separator: 'separator', chatTemplate: 'chatTemplate', out: 'out',
@@ -36,14 +37,17 @@ export interface RunSummary {
   valWindows: number;
 }
 
-/** Runs a training job from a resolved configuration (the CLI and the demo share it). */
-export async function runTraining(c: TrainConfig, log: (s: string) => void = (s) => process.stderr.write(s + '\n'), dp?: DataParallel | null): Promise<RunSummary> {
+/**
+ * Runs a training job from a resolved configuration (the CLI and the demo share it). With `profile`, every op of
+ * each step is timed; the table is logged at the end and written to profile.json in the run directory.
+ */
+export async function runTraining(c: TrainConfig, log: (s: string) => void = (s) => process.stderr.write(s + '\n'), dp?: DataParallel | null, profile?: OpProfile): Promise<RunSummary> {
   if (dp && !dp.isRoot) log = () => {}; // rank 0 speaks for the job
   // Without --spec a quantized file (GGUF Q4_0/Q4_1/Q8_0) trains on its own blocks with the default adapter settings.
   const given = c.spec ? withDropout(loadSpecOrFail(c.spec), c.dropout) : undefined;
   const opened = await openForRun({
     model: c.model, tokenizer: c.tokenizer, spec: given, backend: c.backend, seed: c.seed, requantize: c.requantize,
-    inferred: c.dropout === undefined ? undefined : { dropout: c.dropout },
+    inferred: c.dropout === undefined ? undefined : { dropout: c.dropout }, profile,
   });
   const { model, tokenizer } = opened;
   const spec = model.spec;
@@ -73,8 +77,12 @@ export async function runTraining(c: TrainConfig, log: (s: string) => void = (s)
     lr, schedule: c.schedule, warmup: c.warmup, batchSize: c.batchSize, gradAccum: c.gradAccum, totalSteps,
     evalEvery: c.evalEvery, evalWindows: c.evalWindows, saveEvery: c.saveEvery, seed: c.seed, maxGradNorm: c.maxGradNorm,
     weightDecay: c.weightDecay, resume: c.resume, quiet: c.quiet,
-    fingerprint: { data: data.cacheKey.replace(/^.*\//, ''), spec: spec.name }, dist: dp,
+    fingerprint: { data: data.cacheKey.replace(/^.*\//, ''), spec: spec.name }, dist: dp, profile,
   });
+  if (profile && (!dp || dp.isRoot)) {
+    log(profile.table());
+    writeFileSync(join(c.out, 'profile.json'), JSON.stringify(profile.report(), null, 2) + '\n');
+  }
   log(`peak memory: ${formatBytes(peakRssBytes())} resident`);
   return { result, config: c, lr, totalSteps, trainWindows: tw.count, valWindows: val?.count ?? 0 };
 }
@@ -112,6 +120,7 @@ export function register(program: Command): void {
     .option('--backend <name>', 'cpu (default) | cuda | emu')
     .addOption(requantizeOption())
     .option('--quiet', 'no progress bar')
+    .option('--profile', "time every op of each step and print where a step's time goes (also written to profile.json)")
     .option('--nproc <n>', 'data-parallel: start n ranks with mpirun (needs MPI); --batch-size is per rank')
     .option('--hostfile <file>', "with --nproc: MPI hostfile of the machines to run on (each needs this checkout at the same path)")
     .action(async (o: Record<string, unknown>) => {
@@ -129,7 +138,7 @@ export function register(program: Command): void {
       else if (flags.resume && !flags.model && !o.config) throw new QaloraError(`--resume: ${flags.out ?? '(no --out)'} is not a training run directory (no run.json); give --out of an earlier run`);
       const file = typeof o.config === 'string' ? readConfigFile(o.config) : {};
       const c = resolveTrainConfig({ ...base, ...file }, flags, typeof o.config === 'string' ? o.config : 'config');
-      const s = await runTraining(c, undefined, dp).catch((e) => (dp ? dp.fail(e) : Promise.reject(e)));
+      const s = await runTraining(c, undefined, dp, o.profile ? new OpProfile() : undefined).catch((e) => (dp ? dp.fail(e) : Promise.reject(e)));
       dp?.finalize();
       if (dp && !dp.isRoot) return;
       const r = s.result;

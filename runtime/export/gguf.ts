@@ -10,6 +10,7 @@ import { GGUF_PROJECTION } from '../formats/gguf-llama.ts';
 import type { Linear, LlamaWeights, ProjectionName, QuantLinear, TokenTable } from '../model/types.ts';
 import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
 import { denseWeight } from '../model/dense.ts';
+import { scaleValues } from '../model/scales.ts';
 
 export { denseWeight };
 import { f16BitsToF32, f32ToF16Bits } from '../safetensors.ts';
@@ -84,9 +85,10 @@ export type BlockType = 'Q4_0' | 'Q4_1' | 'Q5_1' | 'Q8_0';
 
 /** True when every α is an fp16 value and β = k·α in every group: the layer came from Q4_0 (k = −8) or Q8_0 (k = −128). */
 function symmetricBlocks(lin: QuantLinear, k: number): boolean {
-  for (let i = 0; i < lin.alpha.length; i++) {
-    const a = lin.alpha[i];
-    if (f16BitsToF32(f32ToF16Bits(a)) !== a || lin.beta[i] !== Math.fround(k * a)) return false;
+  const alpha = scaleValues(lin.alpha), beta = scaleValues(lin.beta);
+  for (let i = 0; i < alpha.length; i++) {
+    const a = alpha[i];
+    if (f16BitsToF32(f32ToF16Bits(a)) !== a || beta[i] !== Math.fround(k * a)) return false;
   }
   return true;
 }
@@ -114,10 +116,14 @@ export function blockTypeFor(lin: QuantLinear): { type: BlockType | 'F32'; note?
 
 const BLOCK_BYTES: Record<BlockType, number> = { Q4_0: 18, Q4_1: 20, Q5_1: 24, Q8_0: 34 };
 
-/** ggml blocks of a quantized layer, and the largest error the fp16 d and m introduce (0 for Q4_0/Q8_0 picked by blockTypeFor). */
+/**
+ * ggml blocks of a quantized layer, and the largest error the fp16 d and m introduce (0 for Q4_0/Q8_0 picked by
+ * blockTypeFor, and 0 for a layer with fp16 scales: its α and β are already the file's d and m).
+ */
 export function encodeBlocks(lin: QuantLinear, type: BlockType): { data: Uint8Array; maxAbsError: number } {
   const { out, in: inF } = lin;
   const { bits, group } = lin.settings;
+  const alphas = scaleValues(lin.alpha), betas = scaleValues(lin.beta);
   const L = inF / group, wpr = wordsPerRow(inF, bits);
   const bb = BLOCK_BYTES[type];
   const blocksPerRow = inF / 32;
@@ -128,7 +134,7 @@ export function encodeBlocks(lin: QuantLinear, type: BlockType): { data: Uint8Ar
   for (let o = 0; o < out; o++) {
     for (let blk = 0; blk < blocksPerRow; blk++) {
       const k = Math.floor((blk * 32) / group);
-      const alpha = lin.alpha[o * L + k], beta = lin.beta[o * L + k];
+      const alpha = alphas[o * L + k], beta = betas[o * L + k];
       const dBits = f32ToF16Bits(alpha), d = f16BitsToF32(dBits);
       // Q4_0 and Q8_0 have no m: their zero point is the fixed −8d / −128d.
       const m = type === 'Q4_0' ? Math.fround(-8 * d) : type === 'Q8_0' ? Math.fround(-128 * d) : f16BitsToF32(f32ToF16Bits(beta));
@@ -241,11 +247,24 @@ function planGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions): {
   for (const r of reports) if (r.type in FTYPE) counts.set(r.type as BlockType, (counts.get(r.type as BlockType) ?? 0) + 1);
   const mostly = [...counts].sort((a, b) => b[1] - a[1])[0]?.[0];
   const fileType = anyQuant && mostly ? FTYPE[mostly] : floatType === 'f16' ? 1 : 0;
+  const kvs = llamaMetadata(c, vocab, { name: opts.name ?? 'qalora-export', fileType });
+  if (anyQuant) kvs.push(['general.quantization_version', T.U32, 2]);
+  kvs.push(...(opts.extra ?? []));
+  return { kvs, tensors, reports };
+}
+
+const maxError = (reports: TensorReport[]) => reports.reduce((a, r) => Math.max(a, r.maxAbsError), 0);
+
+/**
+ * The metadata llama.cpp needs for a LLaMA (notes §2): architecture, shape, RoPE and norm constants, and the
+ * SentencePiece vocabulary. `fileType` is llama.cpp's LLAMA_FTYPE (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 7 Q8_0, 9 Q5_1).
+ */
+export function llamaMetadata(c: LlamaWeights['config'], vocab: GgufVocab, o: { name: string; fileType: number }): GgufWriteKV[] {
   const kvs: GgufWriteKV[] = [
     ['general.architecture', T.STRING, 'llama'],
-    ['general.name', T.STRING, opts.name ?? 'qalora-export'],
+    ['general.name', T.STRING, o.name],
     ['general.alignment', T.U32, 32],
-    ['general.file_type', T.U32, fileType],
+    ['general.file_type', T.U32, o.fileType],
     ['llama.vocab_size', T.U32, c.vocab],
     ['llama.context_length', T.U32, c.context],
     ['llama.embedding_length', T.U32, c.dim],
@@ -266,12 +285,8 @@ function planGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions): {
     ['tokenizer.ggml.add_eos_token', T.BOOL, false],
   ];
   if (vocab.unk !== undefined) kvs.push(['tokenizer.ggml.unknown_token_id', T.U32, vocab.unk]);
-  if (anyQuant) kvs.push(['general.quantization_version', T.U32, 2]);
-  kvs.push(...(opts.extra ?? []));
-  return { kvs, tensors, reports };
+  return kvs;
 }
-
-const maxError = (reports: TensorReport[]) => reports.reduce((a, r) => Math.max(a, r.maxAbsError), 0);
 
 /** The GGUF file in memory (tests; writeGgufModel streams instead). */
 export function buildGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions = {}): GgufExportResult {

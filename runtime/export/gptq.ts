@@ -16,6 +16,7 @@ import { f16BitsToF32, f32ToF16Bits, f32To16, tensorOf, writeFileAtomic, writeSa
 import { PROJECTIONS } from '../../dsl/resolved.ts';
 import { denseWeight } from './gguf.ts';
 import { denseTable } from '../model/dense.ts';
+import { scaleValues } from '../model/scales.ts';
 
 export interface GptqExportOptions {
   intZeros?: boolean;
@@ -44,6 +45,7 @@ function gptqLayer(lin: QuantLinear, order: Int32Array | null, o: GptqExportOpti
   const { out, in: inF } = lin;
   const { bits: b, group } = lin.settings;
   const L = inF / group, wpr = wordsPerRow(inF, b);
+  const alphas = scaleValues(lin.alpha), betas = scaleValues(lin.beta);
   const qweight = new Int32Array(((inF * b) / 32) * out);
   const scales = new Float32Array(L * out), zeros = new Float32Array(L * out);
   let maxErr = 0;
@@ -51,7 +53,7 @@ function gptqLayer(lin: QuantLinear, order: Int32Array | null, o: GptqExportOpti
     const r = order ? order[c] : c; // our (Meta) row that becomes GPTQ column c
     for (let i = 0; i < inF; i++) putBits(qweight, 0, out, c, i * b, b, unpackQ(lin.qweight, r * wpr, i, b));
     for (let k = 0; k < L; k++) {
-      const alpha = lin.alpha[r * L + k], beta = lin.beta[r * L + k];
+      const alpha = alphas[r * L + k], beta = betas[r * L + k];
       scales[k * out + c] = alpha;
       zeros[k * out + c] = -beta / alpha;
     }
@@ -64,7 +66,7 @@ function gptqLayer(lin: QuantLinear, order: Int32Array | null, o: GptqExportOpti
     for (let k = 0; k < L * out; k++) {
       for (const q of [0, (1 << b) - 1]) {
         const c = k % out, kk = Math.floor(k / out), r = order ? order[c] : c;
-        const ours = Math.fround(lin.alpha[r * L + kk] * q) + lin.beta[r * L + kk];
+        const ours = Math.fround(alphas[r * L + kk] * q) + betas[r * L + kk];
         maxErr = Math.max(maxErr, Math.abs(Math.fround(scales[k] * Math.fround(q - zeros[k])) - ours));
       }
     }
@@ -82,7 +84,7 @@ function gptqLayer(lin: QuantLinear, order: Int32Array | null, o: GptqExportOpti
       putBits(qzeros, (k * out * b) / 32, 1, 0, c * b, b, zi - 1); // row k of [L, out·b/32]; v1 stores z − 1
       for (const q of [0, qmax]) {
         const r = order ? order[c] : c;
-        const ours = Math.fround(lin.alpha[r * L + k] * q) + lin.beta[r * L + k];
+        const ours = Math.fround(alphas[r * L + k] * q) + betas[r * L + k];
         maxErr = Math.max(maxErr, Math.abs(s16 * (q - zi) - ours));
       }
     }

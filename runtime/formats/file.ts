@@ -28,6 +28,8 @@ export interface ByteSource {
   readonly chunk: number;
   /** Bytes [offset, offset + length): a view for a buffer, a fresh array for a file. */
   bytes(offset: number, length: number, where: string): Uint8Array;
+  /** Fills `target` with the bytes at `offset` (a reused buffer: no allocation, no fresh pages to fault in). */
+  into(target: Uint8Array, offset: number, where: string): void;
   /** `count` elements at `offset`, in a new array of their type that the caller owns (never a view). */
   array<T extends TypedArray>(Ctor: TypedArrayCtor<T>, offset: number, count: number, where: string): T;
   /** Releases the file; later reads fail. A no-op for buffers. */
@@ -66,6 +68,9 @@ export class BufferSource implements ByteSource {
   bytes(offset: number, length: number, where: string): Uint8Array {
     checkRange(this.size, offset, length, where);
     return this.buf.subarray(offset, offset + length);
+  }
+  into(target: Uint8Array, offset: number, where: string): void {
+    target.set(this.bytes(offset, target.byteLength, where));
   }
   array<T extends TypedArray>(Ctor: TypedArrayCtor<T>, offset: number, count: number, where: string): T {
     const n = count * Ctor.BYTES_PER_ELEMENT;
@@ -120,6 +125,11 @@ export class FileSource implements ByteSource {
     const out = allocate(Uint8Array, length, where);
     this.readInto(out, offset, where);
     return out;
+  }
+
+  into(target: Uint8Array, offset: number, where: string): void {
+    checkRange(this.size, offset, target.byteLength, where);
+    this.readInto(target, offset, where);
   }
 
   array<T extends TypedArray>(Ctor: TypedArrayCtor<T>, offset: number, count: number, where: string): T {

@@ -63,15 +63,18 @@ export function ggufLinear(f: GgufFile, name: string, out: number, inF: number):
     kind: 'file', out, in: inF, fileType: ggmlTypeName(t.type), source: `${f.path}: tensor '${name}'`,
     readFloat: () => ggufTensorF32(f, name, [inF, out]),
     quant: exact && inF % 32 === 0
-      ? { bits: exact.bits, group: 32, read: (settings) => blocksToQuantLinear(t.type, t.read(), out, inF, settings)! }
+      ? { bits: exact.bits, group: 32, scales: 'fp16', read: (settings) => blocksToQuantLinear(t.type, t.readInto, out, inF, settings)! }
       : undefined,
   };
 }
 
-/** The embedding or classifier in the file's blocks when they are exact (rank 0: no adapter), else fp32. */
+/**
+ * The embedding or classifier in the file's blocks when they are exact (rank 0: no adapter; d and m kept as the
+ * file's fp16 bits), else fp32.
+ */
 function ggufTable(f: GgufFile, name: string, vocab: number, dim: number): TokenTable {
   const lin = ggufLinear(f, name, vocab, dim);
-  return lin.quant ? lin.quant.read({ rank: 0, alpha: 0, dropout: 0 }) : lin.readFloat();
+  return lin.quant ? lin.quant.read({ rank: 0, alpha: 0, dropout: 0, scales: 'fp16' }) : lin.readFloat();
 }
 
 /**

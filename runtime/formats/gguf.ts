@@ -37,6 +37,8 @@ export interface GgufTensor {
   byteLength: number;
   /** The raw bytes (blocks as stored): read from the file on every call (no cache), a view for a buffer. */
   read(): Uint8Array;
+  /** Bytes [at, at + target.length) of the tensor into `target`: large tensors converted a slice at a time. */
+  readInto(target: Uint8Array, at: number): void;
 }
 
 export interface GgufFile {
@@ -231,7 +233,11 @@ function parseGgufSource(src: ByteSource): GgufFile {
     const what = `${where}: ${ggmlTypeName(t.type)} [${t.dims}]`;
     checkRange(src.size, fileOffset, bytes, what);
     const read = bytes === 0 ? () => new Uint8Array(0) : () => src.bytes(fileOffset, bytes, what);
-    tensors.set(t.name, { ...t, fileOffset, byteLength: bytes, read });
+    const readInto = (target: Uint8Array, at: number) => {
+      if (at < 0 || at + target.byteLength > bytes) throw new QaloraError(`${what}: bytes [${at}, ${at + target.byteLength}) are outside its ${bytes}`);
+      src.into(target, fileOffset + at, what);
+    };
+    tensors.set(t.name, { ...t, fileOffset, byteLength: bytes, read, readInto });
   }
   return { path, version, alignment, metadata, tensors, close: () => src.close() };
 }

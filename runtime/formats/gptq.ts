@@ -175,13 +175,14 @@ export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWei
           { qweight: readTensor(stored.qweight), qzeros: readTensor(stored.qzeros), scales: readTensor(stored.scales), gIdx: stored.gIdx && readTensor(stored.gIdx) },
           cfg, out, inF, where, orders[p],
         );
-        const full: QaloraSettings = { rank: 0, alpha: 0, dropout: 0, pool: 'mean', dtype: 'fp32', ...opts.settings, ...settings, bits: cfg.bits, group };
+        // β = −s·z needs more than fp16's 11 bits: read as fp32 (prepareWeights narrows only what fits exactly).
+        const full: QaloraSettings = { rank: 0, alpha: 0, dropout: 0, pool: 'mean', dtype: 'fp32', ...opts.settings, ...settings, scales: 'fp32', bits: cfg.bits, group };
         return { kind: 'quant', out, in: inF, settings: full, qweight: m.qweight, alpha: m.alpha, beta: m.beta };
       };
       proj[p] = {
         kind: 'file', out, in: inF, fileType: `GPTQ ${cfg.bits}-bit g${group}`, source: `${stored.qweight.file}: layer '${base}'`,
         readFloat: () => denseWeight(read({})),
-        quant: { bits: cfg.bits, group, read },
+        quant: { bits: cfg.bits, group, scales: 'fp32', read },
       };
     }
     blocks.push({ attnNorm: float(`${pre}.input_layernorm.weight`, [dim]), ffnNorm: float(`${pre}.post_attention_layernorm.weight`, [dim]), proj });

@@ -5,6 +5,7 @@ import { PROJECTIONS, type Bits, type ActDType, type Pool } from '../../dsl/reso
 import { QaloraError } from '../errors.ts';
 import { openSafetensors, readTensor, tensorOf, writeSafetensors, type SafeTensor, type StoredTensor } from '../safetensors.ts';
 import type { BlockWeights, Linear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear, TokenTable } from './types.ts';
+import { checkScales, scalesOf } from './scales.ts';
 
 export const BASE_FORMAT = 'qalora-base';
 const BASE_VERSION = '1';
@@ -19,11 +20,14 @@ export function saveQuantizedBase(path: string, w: LlamaWeights, extra: Record<s
       t.set(`${name}.weight`, tensorOf('F32', [lin.out, lin.in], lin.w));
       return;
     }
-    settings[name] = lin.settings;
+    checkScales(lin, name);
+    settings[name] = { ...lin.settings, scales: scalesOf(lin.settings) };
     const groups = lin.in / lin.settings.group;
+    // α and β as stored: F32, or F16 for `scales fp16` (the same bits, no conversion either way)
+    const st = scalesOf(lin.settings) === 'fp16' ? 'F16' : 'F32';
     t.set(`${name}.qweight`, tensorOf('U32', [lin.out, lin.qweight.length / lin.out], lin.qweight));
-    t.set(`${name}.alpha`, tensorOf('F32', [lin.out, groups], lin.alpha));
-    t.set(`${name}.beta`, tensorOf('F32', [lin.out, groups], lin.beta));
+    t.set(`${name}.alpha`, tensorOf(st, [lin.out, groups], lin.alpha));
+    t.set(`${name}.beta`, tensorOf(st, [lin.out, groups], lin.beta));
   };
   const table = (name: string, tt: TokenTable) => {
     if (tt instanceof Float32Array) t.set(name, tensorOf('F32', [c.vocab, c.dim], tt));
@@ -78,6 +82,14 @@ export function loadQuantizedBase(path: string): { weights: LlamaWeights<LoadedL
   };
   // read() gives each tensor its own aligned array: the typed view is the final array, no second copy.
   const f32 = (name: string, shape: number[]) => new Float32Array(f32Tensor(name, shape).read().buffer);
+  // α/β: F32, or F16 bits for layers whose settings say `scales fp16` (files before `scales` are all F32).
+  const scaleTensor = (name: string, shape: number[], s: QuantLinear['settings']) => {
+    const want = scalesOf(s) === 'fp16' ? 'F16' : 'F32';
+    const x = tensor(name, shape);
+    if (x.dtype !== want) throw new QaloraError(`${path}: tensor '${name}' is ${x.dtype}, expected ${want} (the layer's scales are ${scalesOf(s)})`);
+    const bytes = x.read();
+    return want === 'F16' ? new Uint16Array(bytes.buffer) : new Float32Array(bytes.buffer);
+  };
   const dims = (p: ProjectionName): [number, number] => {
     const hd = c.dim / c.heads;
     switch (p) {
@@ -93,9 +105,9 @@ export function loadQuantizedBase(path: string): { weights: LlamaWeights<LoadedL
     if (qt.dtype !== 'U32') throw new QaloraError(`${path}: tensor '${name}.qweight' is ${qt.dtype}, expected U32`);
     const groups = inF / s.group;
     return {
-      kind: 'quant', out, in: inF, settings: s,
+      kind: 'quant', out, in: inF, settings: { ...s, scales: scalesOf(s) },
       qweight: new Uint32Array(qt.read().buffer),
-      alpha: f32(`${name}.alpha`, [out, groups]), beta: f32(`${name}.beta`, [out, groups]),
+      alpha: scaleTensor(`${name}.alpha`, [out, groups], s), beta: scaleTensor(`${name}.beta`, [out, groups], s),
     };
   };
   const table = (name: string): TokenTable => (settings[name] ? quant(name, c.vocab, c.dim, settings[name]) : f32(name, [c.vocab, c.dim]));
@@ -138,4 +150,5 @@ function checkSettings(s: QuantLinear['settings'], name: string, inF: number, pa
   if (!Number.isInteger(s.group) || s.group < 1 || inF % s.group !== 0) throw bad(`group ${s.group} does not divide in_features ${inF}`);
   if (!(['mean', 'sum', 'peft'] as Pool[]).includes(s.pool)) throw bad(`pool ${JSON.stringify(s.pool)} is not mean, sum or peft`);
   if (!(['fp32', 'fp16', 'bf16'] as ActDType[]).includes(s.dtype)) throw bad(`dtype ${JSON.stringify(s.dtype)} is not fp32, fp16 or bf16`);
+  if (s.scales !== undefined && s.scales !== 'fp32' && s.scales !== 'fp16') throw bad(`scales ${JSON.stringify(s.scales)} is not fp32 or fp16`);
 }

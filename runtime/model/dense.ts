@@ -2,6 +2,7 @@
 // dequantized exactly as the kernels do (fround(α·q) + β).
 import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
 import type { Linear, LlamaWeights, LoadedLinear, ProjectionName, TokenTable } from './types.ts';
+import { scaleValues } from './scales.ts';
 
 /** W [out, in] of any linear layer in F32 (quantized layers dequantized exactly as the kernels do: α·q + β). */
 export function denseWeight(lin: Linear): Float32Array {
@@ -9,11 +10,12 @@ export function denseWeight(lin: Linear): Float32Array {
   const { out, in: inF } = lin;
   const { bits, group } = lin.settings;
   const L = inF / group, wpr = wordsPerRow(inF, bits);
+  const alpha = scaleValues(lin.alpha), beta = scaleValues(lin.beta);
   const w = new Float32Array(out * inF);
   for (let o = 0; o < out; o++) {
     for (let i = 0; i < inF; i++) {
       const k = Math.floor(i / group);
-      w[o * inF + i] = Math.fround(lin.alpha[o * L + k] * unpackQ(lin.qweight, o * wpr, i, bits)) + lin.beta[o * L + k];
+      w[o * inF + i] = Math.fround(alpha[o * L + k] * unpackQ(lin.qweight, o * wpr, i, bits)) + beta[o * L + k];
     }
   }
   return w;

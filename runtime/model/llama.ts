@@ -10,6 +10,7 @@ import { QaloraError } from '../errors.ts';
 import { Runner, type RunnerOptions } from './runner.ts';
 import { KvSession } from './session.ts';
 import { prepareWeights, type CalibrationSource } from './prepare.ts';
+import type { OpProfile } from './profile.ts';
 
 export type { CalibrationSource } from './prepare.ts';
 
@@ -39,6 +40,8 @@ export interface CreateOptions {
   requantize?: boolean;
   /** Called as quantization proceeds (layer index, total layers), e.g. for a progress bar. */
   onProgress?: (done: number, total: number, what: string) => void;
+  /** Time every op of training steps into this (`train --profile`). */
+  profile?: OpProfile;
 }
 
 export interface LossOptions {
@@ -90,7 +93,7 @@ export class LlamaModel {
   /** Build a model: load the native ops, quantize float layers into the spec, initialise adapters. */
   static async create(weights: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<LlamaModel> {
     const prepared = await prepareWeights(weights, opts);
-    const runnerOpts: RunnerOptions = { backend: opts.backend };
+    const runnerOpts: RunnerOptions = { backend: opts.backend, profile: opts.profile };
     const runner = new Runner(prepared.weights, prepared.native, runnerOpts);
     return new LlamaModel(prepared.weights, prepared.adapters, runner, prepared.spec, opts.backend);
   }

@@ -1,8 +1,9 @@
 // The native functions the model calls, typed by what runtime/model needs from them: the core ops declared in
 // templates/core/core.ops.json and the spec's QA-LoRA kernels (docs/ARCHITECTURE.md). runtime/native.ts builds
 // and loads the addon; this file only picks the parts the model uses.
-import type { ActDType, Pool, ResolvedSpec } from '../../dsl/resolved.ts';
-import type { BackendName } from './types.ts';
+import type { ActDType, Pool, ResolvedSpec, ScaleDType } from '../../dsl/resolved.ts';
+import { specializationId as planSpecializationId } from '../../compiler/plan.ts';
+import type { BackendName, ScaleArray } from './types.ts';
 import { QaloraError } from '../errors.ts';
 import type { LayerCallArgs } from '../native.ts';
 
@@ -34,11 +35,12 @@ export type Activations = Float32Array | Uint16Array;
 
 /** One specialization's entry points on one backend. */
 export interface SpecKernels {
-  quantize(w: Float32Array, out: number, inF: number, qweight: Uint32Array, alpha: Float32Array, beta: Float32Array): void;
-  dequantize(qweight: Uint32Array, alpha: Float32Array, beta: Float32Array, out: number, inF: number, w: Float32Array): void;
+  /** α, β (and merge's betaOut) in the specialization's scale storage: Float32Array or fp16 bits. */
+  quantize(w: Float32Array, out: number, inF: number, qweight: Uint32Array, alpha: ScaleArray, beta: ScaleArray): void;
+  dequantize(qweight: Uint32Array, alpha: ScaleArray, beta: ScaleArray, out: number, inF: number, w: Float32Array): void;
   forward(args: KernelLayerArgs, x: Activations, y: Activations): void;
   backward(args: KernelLayerArgs, x: Activations, dy: Activations, dx: Activations, gradA: Float32Array, gradB: Float32Array): void;
-  merge(args: KernelLayerArgs, betaOut: Float32Array): void;
+  merge(args: KernelLayerArgs, betaOut: ScaleArray): void;
 }
 
 export interface NativeOps {
@@ -48,9 +50,9 @@ export interface NativeOps {
   backend: BackendName;
 }
 
-/** 'b4_g32_fp16_mean' — the plan's id of a (bits, group, dtype, pool) specialization (compiler/ir.ts). */
-export function specializationId(s: { bits: number; group: number; dtype: ActDType; pool: Pool }): string {
-  return `b${s.bits}_g${s.group}_${s.dtype}_${s.pool}`;
+/** 'b4_g32_fp16_mean' — the plan's id of a (bits, group, dtype, pool, scales) specialization (compiler/plan.ts). */
+export function specializationId(s: { bits: number; group: number; dtype: ActDType; pool: Pool; scales?: ScaleDType }): string {
+  return planSpecializationId({ ...s, bits: s.bits as 2 | 3 | 4 | 8, scales: s.scales ?? 'fp32' });
 }
 
 interface LoadedAddon {

@@ -7,6 +7,7 @@ import { LlamaModel, type CalibrationSource, type CreateOptions } from './llama.
 import { describeSpec } from './prepare.ts';
 import { isQuantizedBase, loadQuantizedBase } from './basefile.ts';
 import type { AdapterSet, BackendName, LlamaWeights, LoadedLinear } from './types.ts';
+import { checkAdapters } from './adapters.ts';
 
 export { specForBackend } from './native-ops.ts';
 
@@ -15,7 +16,7 @@ export interface OpenOptions {
   tokenizer?: string;
   /** A spec file path or an already loaded spec. */
   spec?: string | ResolvedSpec;
-  /** A PEFT adapter directory to start from. */
+  /** An adapter to start from: a QA-LoRA PEFT directory, or a plain LoRA (PEFT, llama.cpp GGUF) that folds into the base's groups. */
   adapter?: string;
   backend?: BackendName;
   quantize?: 'rtn' | 'gptq';
@@ -27,6 +28,7 @@ export interface OpenOptions {
   /** Re-quantize file blocks whose bits or group differ from the spec's (lossy) instead of failing. */
   requantize?: boolean;
   onProgress?: (done: number, total: number, what: string) => void;
+  profile?: CreateOptions['profile'];
 }
 
 export interface OpenedModel {
@@ -57,15 +59,25 @@ export async function openModel(o: OpenOptions): Promise<OpenedModel> {
     weights = loaded.weights;
     tokenizer = loaded.tokenizer;
   }
+  // The adapter is read before the (possibly long) load of the base, so a bad one fails first; it is put on the
+  // model once the base is quantized, because a plain LoRA folds into the quantized layers' groups.
   let adapters: AdapterSet | undefined;
   if (o.adapter) {
-    const { loadPeftAdapter } = await import('../adapters/peft.ts');
-    adapters = loadPeftAdapter(o.adapter, { model: weights.config }).adapters;
+    const { readAdapter } = await import('../adapters/open.ts');
+    readAdapter(o.adapter, { model: weights.config });
+    adapters = weights.blocks.map(() => ({}));
   }
   const calib = typeof o.calib === 'function' ? o.calib(tokenizer, weights.config) : o.calib;
   const model = await LlamaModel.create(weights, {
     backend, spec, adapters, quantize: o.quantize, calib, seed: o.seed, onProgress: o.onProgress, inferred: o.inferred, requantize: o.requantize,
+    profile: o.profile,
   });
+  if (o.adapter) {
+    const { openAdapterFor } = await import('../adapters/open.ts');
+    const opened = openAdapterFor(o.adapter, model.weights);
+    checkAdapters(model.weights, opened.adapters);
+    model.adapters = opened.adapters;
+  }
   const impliedSpec = !spec && model.spec ? describeSpec(model.spec) : undefined;
   return { model, tokenizer, weights: model.weights, impliedSpec };
 }

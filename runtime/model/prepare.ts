@@ -9,6 +9,8 @@ import { createHash } from 'node:crypto';
 import { loadNativeOps, specializationId, type NativeOps } from './native-ops.ts';
 import { checkAdapters, initAdapters } from './adapters.ts';
 import { QaloraError } from '../errors.ts';
+import { denseWeight } from './dense.ts';
+import { newScales, scalesOf, withScales } from './scales.ts';
 
 /** Token sequences to run the float model on for GPTQ calibration (each at most config.context long). */
 export interface CalibrationSource {
@@ -76,15 +78,23 @@ function resolveFileLinears(
         if (q.bits !== s.bits || q.group !== s.group) {
           throw new QaloraError(`${where}: the layer is already quantized at ${q.bits} bits, group ${q.group}; the spec asks for ${s.bits} bits, group ${s.group}`);
         }
-        proj[p] = { ...lin, settings: settingsOf(s) };
+        const kept = keepScales(lin, s, where, opts.requantize);
+        if (kept) {
+          proj[p] = { ...kept, settings: settingsOf(s) };
+          continue;
+        }
+        const w = denseWeight(lin);
+        proj[p] = quantize(w, { kind: 'float', out: lin.out, in: lin.in, w }, s, where) ?? { kind: 'float', out: lin.out, in: lin.in, w };
         continue;
       }
       if (lin.kind === 'file' && lin.quant) {
         if (lin.quant.bits === s.bits && lin.quant.group === s.group) {
-          proj[p] = lin.quant.read(settingsOf(s));
-          continue;
-        }
-        if (!opts.requantize) {
+          const kept = keepScales(lin.quant.read(settingsOf(s)), s, where, opts.requantize);
+          if (kept) {
+            proj[p] = kept;
+            continue;
+          }
+        } else if (!opts.requantize) {
           throw new QaloraError(`${lin.source} stores ${lin.fileType} blocks (${lin.quant.bits} bits, group ${lin.quant.group}) but the spec asks for ${s.bits} bits, group ${s.group} at ${where}; ` +
             `drop --spec to fine-tune the file's blocks as they are, or pass --requantize to dequantize and quantize again (lossy)`);
         }
@@ -97,6 +107,20 @@ function resolveFileLinears(
   return { ...loaded, blocks };
 }
 
+/**
+ * A stored base in the spec's scale storage: as it is, widened (fp16 → fp32, exact), or narrowed when every
+ * α and β fits fp16 exactly. Scales that would round: null with `requantize` (the caller quantizes the
+ * dequantized weight again), else an error naming both.
+ */
+function keepScales(lin: QuantLinear, s: ResolvedLayer, where: string, requantize?: boolean): QuantLinear | null {
+  try {
+    return withScales(lin, s.scales, where);
+  } catch (e) {
+    if (requantize && e instanceof QaloraError) return null;
+    throw e;
+  }
+}
+
 function checkLayerFits(lin: LoadedLinear, s: ResolvedLayer, where: string): void {
   if (lin.in !== s.inFeatures || lin.out !== s.outFeatures) {
     throw new QaloraError(`${where}: the model's layer is [${lin.out}, ${lin.in}] but the spec's '${s.name}' is [${s.outFeatures}, ${s.inFeatures}]`);
@@ -104,17 +128,17 @@ function checkLayerFits(lin: LoadedLinear, s: ResolvedLayer, where: string): voi
   if (lin.in % s.group !== 0) throw new QaloraError(`${where}: group ${s.group} does not divide in_features ${lin.in}`);
 }
 
-/** The bits and group a loaded projection already has (quant layers, exact file blocks); null for float. */
-function storedQuant(lin: LoadedLinear): { bits: Bits; group: number; settings?: QuantLinear['settings'] } | null {
-  if (lin.kind === 'quant') return { bits: lin.settings.bits, group: lin.settings.group, settings: lin.settings };
-  if (lin.kind === 'file' && lin.quant) return { bits: lin.quant.bits, group: lin.quant.group };
+/** The bits, group and scale storage a loaded projection already has (quant layers, exact file blocks); null for float. */
+function storedQuant(lin: LoadedLinear): { bits: Bits; group: number; scales: QuantLinear['settings']['scales']; settings?: QuantLinear['settings'] } | null {
+  if (lin.kind === 'quant') return { bits: lin.settings.bits, group: lin.settings.group, scales: scalesOf(lin.settings), settings: { ...lin.settings, scales: scalesOf(lin.settings) } };
+  if (lin.kind === 'file' && lin.quant) return { bits: lin.quant.bits, group: lin.quant.group, scales: lin.quant.scales };
   return null;
 }
 
 /**
- * The spec a quantized model implies: each projection's bits and group as stored (the same in every block) and
- * the adapter settings it carries, or `inferred` over the defaults for file blocks (GGUF, which has none).
- * Undefined for a float model.
+ * The spec a quantized model implies: each projection's bits, group and scale storage as stored (the same in
+ * every block: GGUF blocks keep their fp16 d and m, `scales fp16`) and the adapter settings it carries, or
+ * `inferred` over the defaults for file blocks (GGUF, which has none). Undefined for a float model.
  */
 export function specOfQuantized(w: LlamaWeights<LoadedLinear>, backend: BackendName, inferred: Partial<QaloraSettings> = {}): ResolvedSpec | undefined {
   const layers: ResolvedLayer[] = [];
@@ -124,10 +148,10 @@ export function specOfQuantized(w: LlamaWeights<LoadedLinear>, backend: BackendN
       if (w.blocks.some((b) => storedQuant(b.proj[p]))) throw new QaloraError(`projection ${p} is quantized in some blocks only; give a spec (--spec)`);
       continue;
     }
-    const settings: QuantLinear['settings'] = first.settings ?? { ...DEFAULT_SETTINGS, ...inferred, bits: first.bits, group: first.group };
+    const settings: QuantLinear['settings'] = first.settings ?? { ...DEFAULT_SETTINGS, ...inferred, bits: first.bits, group: first.group, scales: first.scales };
     w.blocks.forEach((b, l) => {
       const q = storedQuant(b.proj[p]);
-      const same = q && q.bits === first.bits && q.group === first.group &&
+      const same = q && q.bits === first.bits && q.group === first.group && q.scales === first.scales &&
         (!q.settings || (Object.keys(settings) as Array<keyof QuantLinear['settings']>).every((k) => q.settings![k] === settings[k]));
       if (!same) throw new QaloraError(`layers.${l}.${p} is quantized differently from layers.0.${p}; give a spec (--spec)`);
     });
@@ -147,7 +171,7 @@ export function specOfQuantized(w: LlamaWeights<LoadedLinear>, backend: BackendN
 
 /** One line per projection of an implied spec, for the user to see what runs (and copy into a spec file). */
 export function describeSpec(spec: ResolvedSpec): string {
-  return spec.layers.map((l) => `${l.name}: bits ${l.bits} group ${l.group} rank ${l.rank} alpha ${l.alpha} dropout ${l.dropout} pool ${l.pool} dtype ${l.dtype}`).join('\n');
+  return spec.layers.map((l) => `${l.name}: bits ${l.bits} group ${l.group} rank ${l.rank} alpha ${l.alpha} dropout ${l.dropout} pool ${l.pool} dtype ${l.dtype} scales ${l.scales}`).join('\n');
 }
 
 /**
@@ -226,13 +250,13 @@ export function layerSettings(spec: ResolvedSpec): Map<ProjectionName, ResolvedL
 }
 
 export function settingsOf(s: ResolvedLayer): QuantLinear['settings'] {
-  return { bits: s.bits, group: s.group, rank: s.rank, alpha: s.alpha, dropout: s.dropout, pool: s.pool, dtype: s.dtype };
+  return { bits: s.bits, group: s.group, rank: s.rank, alpha: s.alpha, dropout: s.dropout, pool: s.pool, dtype: s.dtype, scales: s.scales ?? 'fp32' };
 }
 
 export function emptyQuant(out: number, inF: number, s: ResolvedLayer): QuantLinear {
   const words = Math.ceil(inF / 32) * s.bits, groups = inF / s.group;
   return {
     kind: 'quant', out, in: inF, settings: settingsOf(s),
-    qweight: new Uint32Array(out * words), alpha: new Float32Array(out * groups), beta: new Float32Array(out * groups),
+    qweight: new Uint32Array(out * words), alpha: newScales(s.scales ?? 'fp32', out * groups), beta: newScales(s.scales ?? 'fp32', out * groups),
   };
 }

@@ -11,9 +11,12 @@ import { LinearOp, type LinearCall } from './linear.ts';
 import { Scratch } from './scratch.ts';
 import type { BackendName } from './types.ts';
 import { splitmix32 } from '../random.ts';
+import type { OpProfile } from './profile.ts';
 
 export interface RunnerOptions {
   backend: BackendName;
+  /** Per-op timing (`train --profile`); without it the native ops are called directly. */
+  profile?: OpProfile;
 }
 
 /** Fills att [rows, dim] from roped q [rows, dim], k/v [rows, kvDim] of a block. */
@@ -41,19 +44,29 @@ export class Runner {
   /** The kernels that dequantize rows of a quantized embedding table; undefined for an fp32 table. */
   private readonly embeddingRows?: SpecKernels;
   private grads?: AdapterSet;
+  /** forwardBlock as backward's per-block recompute calls it (timed as one row when profiling). */
+  private readonly recompute: Runner['forwardBlock'];
 
   constructor(readonly weights: LlamaWeights, readonly native: NativeOps, readonly opts: RunnerOptions) {
+    const prof = opts.profile;
     this.config = weights.config;
-    this.core = native.core;
+    this.core = prof ? prof.wrapCore(native.core) : native.core;
     this.headDim = this.config.dim / this.config.heads;
     this.kvDim = this.config.kvHeads * this.headDim;
+    const linear = (lin: Linear, name: string, kind: string) => {
+      const op = new LinearOp(lin, native, this.scratch, name);
+      prof?.timeLinear(op, kind);
+      return op;
+    };
     this.linears = weights.blocks.map((b, l) => {
       const ops = {} as Record<ProjectionName, LinearOp>;
-      for (const p of PROJECTIONS) ops[p] = new LinearOp(b.proj[p], native, this.scratch, `layers.${l}.${p}`);
+      for (const p of PROJECTIONS) ops[p] = linear(b.proj[p], `layers.${l}.${p}`, p);
       return ops;
     });
     const { vocab, dim } = this.config;
-    this.classifier = new LinearOp(tableLinear(weights.classifier, vocab, dim), native, this.scratch, 'classifier');
+    this.classifier = linear(tableLinear(weights.classifier, vocab, dim), 'classifier', 'classifier');
+    this.recompute = prof ? prof.wrap('recompute', this.forwardBlock.bind(this)) : this.forwardBlock;
+    if (prof) this.embed = prof.wrap('embedding', this.embed.bind(this));
     const emb = weights.tokEmbedding;
     if (!(emb instanceof Float32Array)) {
       this.embeddingRows = native.kernels[specializationId(emb.settings)];
@@ -220,7 +233,7 @@ export class Runner {
     const xw = s.f('xw', m * dim), tmp = s.f('dtmp', m * dim);
     for (let l = layers - 1; l >= 0; l--) {
       xw.set(inputs[l]);
-      this.forwardBlock(l, xw, m, pos, adapters, attend, training, seed);
+      this.recompute(l, xw, m, pos, adapters, attend, training, seed);
       const blk = this.weights.blocks[l], lin = this.linears[l];
       const call = (p: ProjectionName) => this.call(adapters, l, p, training, seed);
       const grad = (p: ProjectionName) => grads[l]?.[p];

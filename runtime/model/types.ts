@@ -18,15 +18,24 @@ export interface FloatLinear {
   w: Float32Array;
 }
 
-/** A QA-LoRA base layer: W = α·q + β per (row, group), q packed 'blocked32' (templates/common/qalora_common.h). */
+/**
+ * Storage of α or β [out, in/g]: Float32Array for `scales fp32`, Uint16Array of fp16 bits for `scales fp16`.
+ * Never index one for a value: a Uint16Array reads as integers. runtime/model/scales.ts widens and stores them.
+ */
+export type ScaleArray = Float32Array | Uint16Array;
+
+/**
+ * A QA-LoRA base layer: W = α·q + β per (row, group), q packed 'blocked32' (templates/common/qalora_common.h).
+ * alpha and beta are stored as settings.scales says (checkScales in runtime/model/scales.ts).
+ */
 export interface QuantLinear {
   kind: 'quant';
   out: number;
   in: number;
   settings: QaloraSettings;
   qweight: Uint32Array;
-  alpha: Float32Array;
-  beta: Float32Array;
+  alpha: ScaleArray;
+  beta: ScaleArray;
 }
 
 export type Linear = FloatLinear | QuantLinear;
@@ -51,7 +60,9 @@ export interface FileLinear {
   quant?: {
     bits: QaloraSettings['bits'];
     group: number;
-    /** The base (q, α, β) with these adapter settings; bits and group stay the file's. */
+    /** The α/β storage that holds the file's scales exactly (fp16 for GGUF blocks, fp32 for GPTQ's −s·z). */
+    scales: QaloraSettings['scales'];
+    /** The base (q, α, β) with these adapter settings; bits and group stay the file's, scales as asked if exact. */
     read(settings: Partial<QaloraSettings>): QuantLinear;
   };
 }

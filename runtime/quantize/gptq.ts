@@ -76,6 +76,9 @@ export function gptqQuantize(native: GptqNative, w: Float32Array, out: number, i
 
 /** A float projection → the QuantLinear base layer of `settings` (bits and group from the settings). */
 export function gptqQuantizeLinear(native: GptqNative, lin: FloatLinear, h: Float32Array, settings: QaloraSettings, opts: { block?: number; damp?: number } = {}): QuantLinear {
+  // GPTQ compensates each column's error against the fp32 α and β it chose: rounding them afterwards would
+  // undo part of that, and the native pass has no fp16 form yet.
+  if ((settings.scales ?? 'fp32') === 'fp16') throw new QaloraError('GPTQ quantization computes fp32 scales; use `scales fp32` with --method gptq, or RTN (the default) for `scales fp16`');
   const r = gptqQuantize(native, lin.w, lin.out, lin.in, h, { bits: settings.bits, group: settings.group, ...opts });
   return { kind: 'quant', out: lin.out, in: lin.in, settings, qweight: r.qweight, alpha: r.alpha, beta: r.beta };
 }

@@ -1,13 +1,14 @@
 // The float64 oracle of the QA-LoRA kernels: obvious loops, no cleverness, so a reader can check it against the
 // equations (docs/ARCHITECTURE.md, notes §1) and the native kernels can be checked against it. Quantization
 // follows templates/common/qalora_common.h in fp32 steps so it agrees bit for bit; everything else is float64.
-import type { Bits, Pool } from '../../dsl/resolved.ts';
-import { dropoutKeep, packQ, rintEven, unpackQ, wordsPerRow } from './numeric.ts';
+import type { Bits, Pool, ScaleDType } from '../../dsl/resolved.ts';
+import { dropoutKeep, f16ToF32, f32ToF16, packQ, rintEven, unpackQ, wordsPerRow } from './numeric.ts';
 
+/** alpha/beta in the storage asked for: Float32Array (fp32), or Uint16Array of fp16 bits (fp16). */
 export interface RefQuantized {
   qweight: Uint32Array;
-  alpha: Float32Array;
-  beta: Float32Array;
+  alpha: Float32Array | Uint16Array;
+  beta: Float32Array | Uint16Array;
 }
 
 /** One layer call: the same fields as the native LayerArgs, with bits/group/pool from the specialization. */
@@ -36,15 +37,22 @@ function checkGroup(inFeatures: number, group: number): number {
   return inFeatures / group;
 }
 
-/** Min-max round-to-nearest per (row, group), in fp32 steps exactly as qalora_common.h describes. */
-export function quantize(w: ArrayLike<number>, out: number, inF: number, bits: Bits, group: number): RefQuantized {
+/**
+ * Min-max round-to-nearest per (row, group), in fp32 steps exactly as qalora_common.h describes: α and β stored
+ * as `scales` (fp16: each rounded to nearest even, an α that underflows to 0 stored as 2^-24), q computed
+ * against the stored values.
+ */
+export function quantize(w: ArrayLike<number>, out: number, inF: number, bits: Bits, group: number, scales: ScaleDType = 'fp32'): RefQuantized {
   const L = checkGroup(inF, group);
   const wpr = wordsPerRow(inF, bits);
   const qmax = 2 ** bits - 1;
   const qweight = new Uint32Array(out * wpr);
-  const alpha = new Float32Array(out * L);
-  const beta = new Float32Array(out * L);
+  const alpha = scales === 'fp16' ? new Uint16Array(out * L) : new Float32Array(out * L);
+  const beta = scales === 'fp16' ? new Uint16Array(out * L) : new Float32Array(out * L);
   const f = Math.fround;
+  // store: the value kept; widen: what that value reads back as
+  const store = (v: number) => (scales === 'fp16' ? f32ToF16(v) : f(v));
+  const widen = (s: number) => (scales === 'fp16' ? f16ToF32(s) : s);
   for (let o = 0; o < out; o++) {
     for (let k = 0; k < L; k++) {
       let mn = Infinity;
@@ -54,11 +62,14 @@ export function quantize(w: ArrayLike<number>, out: number, inF: number, bits: B
         mn = Math.min(mn, v);
         mx = Math.max(mx, v);
       }
-      const a = mx === mn ? 1 : f(f(mx - mn) / qmax);
-      alpha[o * L + k] = a;
-      beta[o * L + k] = mn;
+      let as = store(mx === mn ? 1 : f(f(mx - mn) / qmax));
+      if (widen(as) === 0) as = store(2 ** -24);
+      const bs = store(mn);
+      alpha[o * L + k] = as;
+      beta[o * L + k] = bs;
+      const a = widen(as), b = widen(bs);
       for (let i = k * group; i < (k + 1) * group; i++) {
-        const q = rintEven(f(f(f(w[o * inF + i]) - mn) / a));
+        const q = rintEven(f(f(f(w[o * inF + i]) - b) / a));
         packQ(qweight, o * wpr, i, bits, Math.min(qmax, Math.max(0, q)));
       }
     }

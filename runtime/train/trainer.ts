@@ -17,6 +17,7 @@ import { evaluateWindows, type EvalResult, type TrainModel } from './evaluate.ts
 import { MetricsLog, type MetricRecord } from './metrics.ts';
 import { alignedGrads, globalNorm, paramList } from './params.ts';
 import { learningRate, type ScheduleName } from './schedule.ts';
+import type { OpProfile } from '../model/profile.ts';
 
 export interface TrainerOptions {
   model: TrainModel;
@@ -53,6 +54,8 @@ export interface TrainerOptions {
   printSummary?: boolean;
   /** Data-parallel over MPI ranks: batchSize is per rank, a step takes batchSize·size windows. */
   dist?: DataParallel | null;
+  /** The model's op profile (`train --profile`): steps are bracketed and clipping and AdamW timed into it. */
+  profile?: OpProfile;
 }
 
 export interface TrainResult {
@@ -122,6 +125,8 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
   };
   if (o.handleSigint ?? true) process.on('SIGINT', onSigint);
 
+  const prof = o.profile;
+  const timed = <T>(row: string, fn: () => T): T => (prof ? prof.time(row, fn) : fn());
   const t0 = performance.now();
   let tokensThisRun = 0;
   const record = (r: MetricRecord) => {
@@ -148,6 +153,7 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
   try {
     for (let step = startStep + 1; step <= o.totalSteps; step++) {
       const stepStart = performance.now();
+      prof?.beginStep();
       const lr = lrAt(step);
       let sum = 0, count = 0, positions = 0;
       const acc = params.map((p) => new Float32Array(p.data.length));
@@ -171,9 +177,10 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
       if (dp) ({ sum, count, positions } = dp.reduceStep(acc, { sum, count, positions }));
       if (count === 0) throw new QaloraError(`step ${step}: no counted targets in the batch (is the whole data masked?)`);
       // Gradient of the step's mean loss; clipping folds into the same scale factor.
-      const norm = globalNorm(acc) / count;
+      const norm = timed('gradient clipping', () => globalNorm(acc) / count);
       const clip = o.maxGradNorm > 0 && norm > o.maxGradNorm ? o.maxGradNorm / (norm + 1e-6) : 1;
-      opt.step(acc, lr, clip / count);
+      timed('AdamW', () => opt.step(acc, lr, clip / count));
+      prof?.endStep();
       if (dp && step % SYNC_CHECK_EVERY === 0) dp.checkInSync(step, params, opt);
       const loss = sum / count;
       if (!Number.isFinite(loss)) throw new QaloraError(`step ${step}: loss is ${loss}; lower the learning rate (now ${lr})`);

@@ -111,6 +111,8 @@ inline void expect_argc(const Napi::CallbackInfo& info, size_t n, const char* fn
 }
 
 // ---- QA-LoRA kernels -------------------------------------------------------------------------------------
+/// Element storage of activations (act) and of α/β (scales): F32 is Float32Array, U16 fp16/bf16 bits in a
+/// Uint16Array.
 enum class Act { F32, U16 };
 
 struct KernelFns {
@@ -118,11 +120,12 @@ struct KernelFns {
   int bits;
   int64_t group;
   Act act;
-  void (*quantize)(const float*, int64_t, int64_t, uint32_t*, float*, float*);
-  void (*dequantize)(const uint32_t*, const float*, const float*, int64_t, int64_t, float*);
+  Act scales;
+  void (*quantize)(const float*, int64_t, int64_t, uint32_t*, void*, void*);
+  void (*dequantize)(const uint32_t*, const void*, const void*, int64_t, int64_t, float*);
   void (*forward)(const LayerArgs&, const void*, void*);
   void (*backward)(const LayerArgs&, const void*, const void*, void*, float*, float*);
-  void (*merge)(const LayerArgs&, float*);
+  void (*merge)(const LayerArgs&, void*);
 };
 
 // One JS function's binding: the kernel table entry and its name for messages ("cpu.b4_g32_fp16_mean.forward"),
@@ -143,6 +146,13 @@ inline void* activation(const Napi::Value& v, const KernelFns& k, const char* fn
   auto why = [&] { return product(dims, rows, cols); };
   if (k.act == Act::F32) return typed_array<float>(v, napi_float32_array, fn, arg, rows * cols, why);
   return typed_array<uint16_t>(v, napi_uint16_array, fn, arg, rows * cols, why);
+}
+
+// α, β or β' [out, in/g] in the specialization's scale storage.
+template <typename Why>
+inline void* scales_arg(const Napi::Value& v, const KernelFns& k, const char* fn, const char* arg, int64_t len, Why why) {
+  if (k.scales == Act::F32) return typed_array<float>(v, napi_float32_array, fn, arg, len, why);
+  return typed_array<uint16_t>(v, napi_uint16_array, fn, arg, len, why);
 }
 
 // Reads the JS args object of forward/backward/merge into LayerArgs, checking every array against the sizes.
@@ -167,8 +177,8 @@ inline LayerArgs layer_args(const Napi::Value& v, const KernelFns& k, const char
   auto per_group = [&] { return product("out*(in/g)", a.out, groups); };
   a.qweight = typed_array<uint32_t>(field("qweight"), napi_uint32_array, fn, "args.qweight", a.out * words,
                                     [&] { return product("out*words_per_row(in, bits)", a.out, words); });
-  a.alpha = typed_array<float>(field("alpha"), napi_float32_array, fn, "args.alpha", a.out * groups, per_group);
-  a.beta = typed_array<float>(field("beta"), napi_float32_array, fn, "args.beta", a.out * groups, per_group);
+  a.alpha = scales_arg(field("alpha"), k, fn, "args.alpha", a.out * groups, per_group);
+  a.beta = scales_arg(field("beta"), k, fn, "args.beta", a.out * groups, per_group);
   if (a.rank > 0) {
     a.lora_a = typed_array<float>(field("loraA"), napi_float32_array, fn, "args.loraA", a.rank * groups,
                                   [&] { return product("rank*(in/g)", a.rank, groups); });
@@ -204,8 +214,8 @@ struct KernelWrappers {
     auto per_group = [&] { return product("out*(in/g)", out, groups); };
     const float* w = typed_array<float>(info[0], napi_float32_array, fn, "w", out * in, "out*in");
     uint32_t* q = typed_array<uint32_t>(info[3], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), "out*words_per_row(in, bits)");
-    float* alpha = typed_array<float>(info[4], napi_float32_array, fn, "alpha", out * groups, per_group);
-    float* beta = typed_array<float>(info[5], napi_float32_array, fn, "beta", out * groups, per_group);
+    void* alpha = scales_arg(info[4], k, fn, "alpha", out * groups, per_group);
+    void* beta = scales_arg(info[5], k, fn, "beta", out * groups, per_group);
     k.quantize(w, out, in, q, alpha, beta);
     return info.Env().Undefined();
   }
@@ -218,8 +228,8 @@ struct KernelWrappers {
     const int64_t groups = checked_groups(info.Env(), k, in, fn);
     auto per_group = [&] { return product("out*(in/g)", out, groups); };
     const uint32_t* q = typed_array<uint32_t>(info[0], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), "out*words_per_row(in, bits)");
-    const float* alpha = typed_array<float>(info[1], napi_float32_array, fn, "alpha", out * groups, per_group);
-    const float* beta = typed_array<float>(info[2], napi_float32_array, fn, "beta", out * groups, per_group);
+    const void* alpha = scales_arg(info[1], k, fn, "alpha", out * groups, per_group);
+    const void* beta = scales_arg(info[2], k, fn, "beta", out * groups, per_group);
     float* w = typed_array<float>(info[5], napi_float32_array, fn, "w", out * in, "out*in");
     k.dequantize(q, alpha, beta, out, in, w);
     return info.Env().Undefined();
@@ -253,7 +263,7 @@ struct KernelWrappers {
     const char* fn = b.name.c_str();
     expect_argc(info, 2, fn);
     const LayerArgs a = layer_args(info[0], *b.k, fn);
-    float* beta_out = typed_array<float>(info[1], napi_float32_array, fn, "betaOut", a.out * (a.in / b.k->group), "out*(in/g)");
+    void* beta_out = scales_arg(info[1], *b.k, fn, "betaOut", a.out * (a.in / b.k->group), "out*(in/g)");
     b.k->merge(a, beta_out);
     return info.Env().Undefined();
   }
@@ -275,6 +285,7 @@ inline Napi::Object backend_table(Napi::Env env, const char* backend, const Kern
     }
     set.Set("bits", Napi::Number::New(env, table[i].bits));
     set.Set("group", Napi::Number::New(env, (double)table[i].group));
+    set.Set("scales", Napi::String::New(env, table[i].scales == Act::U16 ? "fp16" : "fp32"));
     byId.Set(table[i].id, set);
   }
   return byId;
@@ -285,6 +296,7 @@ inline Napi::Object backend_table(Napi::Env env, const char* backend, const Kern
 // Prototypes of one specialization's entry points in namespace qalora::<backend>::<id> (docs/ARCHITECTURE.md).
 #define QL_DECLARE_KERNELS(BACKEND, ID) QL_DECLARE_LAYER_KERNELS(qalora::BACKEND::ID)
 
-#define QL_KERNEL_ENTRY(BACKEND, ID, BITS, GROUP, ACT)                                                        \
-  {#ID, BITS, GROUP, qalora::addon::Act::ACT, &qalora::BACKEND::ID::quantize, &qalora::BACKEND::ID::dequantize, \
+#define QL_KERNEL_ENTRY(BACKEND, ID, BITS, GROUP, ACT, SCALES)                                                \
+  {#ID, BITS, GROUP, qalora::addon::Act::ACT, qalora::addon::Act::SCALES, &qalora::BACKEND::ID::quantize,     \
+   &qalora::BACKEND::ID::dequantize,                                                                          \
    &qalora::BACKEND::ID::forward, &qalora::BACKEND::ID::backward, &qalora::BACKEND::ID::merge}

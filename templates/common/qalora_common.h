@@ -1,8 +1,9 @@
 // Definitions shared by every backend (CPU, CUDA, CUDA emulation) and mirrored by the TypeScript reference
-// (runtime/reference/): the kernel argument block, the packed layout of q, the dropout hash and scalar
-// fp16/bf16 conversions. Anything that must agree bit for bit across backends lives here, once.
+// (runtime/reference/): the kernel argument block, the packed layout of q, the min-max rule with its stored
+// scales, the dropout hash and scalar fp16/bf16 conversions. Anything that must agree bit for bit across backends lives here, once.
 #pragma once
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #if defined(__CUDACC__) || defined(QALORA_EMU)
@@ -17,8 +18,8 @@ namespace qalora {
 // cuda/emu host entry points take host pointers and stage them).
 struct LayerArgs {
   const uint32_t* qweight;  // [out, words_per_row(in, bits)]  packed q, layout below
-  const float* alpha;       // [out, in/g]
-  const float* beta;        // [out, in/g]
+  const void* alpha;        // [out, in/g]  float, or fp16 bits (uint16_t) for `scales fp16` specializations
+  const void* beta;         // [out, in/g]  same storage as alpha
   const float* lora_a;      // [rank, in/g]   (may be null when rank == 0)
   const float* lora_b;      // [out, rank]
   int64_t m;                // rows of x
@@ -34,15 +35,17 @@ struct LayerArgs {
 
 // The entry points of one specialization (docs/ARCHITECTURE.md), declared in namespace NS — e.g.
 // qalora::cpu::b4_g32_fp32_mean. Every backend defines them; the addon and the CPU dispatcher declare them here.
+// alpha, beta and beta_out point at the specialization's scale storage (float, or uint16_t fp16 bits): one
+// signature for both, so the addon's kernel table stays one type; the addon checks the arrays' element type.
 #define QL_DECLARE_LAYER_KERNELS(NS)                                                                            \
   namespace NS {                                                                                              \
-  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta);       \
-  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,    \
+  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, void* alpha, void* beta);         \
+  void dequantize(const uint32_t* qweight, const void* alpha, const void* beta, int64_t out, int64_t in,      \
                   float* w);                                                                                  \
   void forward(const ::qalora::LayerArgs& a, const void* x, void* y);                                         \
   void backward(const ::qalora::LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a,         \
                 float* grad_b);                                                                               \
-  void merge(const ::qalora::LayerArgs& a, float* beta_out);                                                  \
+  void merge(const ::qalora::LayerArgs& a, void* beta_out);                                                   \
   }
 
 // ---- Packed layout 'blocked32' -------------------------------------------------------------------------
@@ -77,10 +80,6 @@ QL_HD void pack_q(uint32_t* row, int64_t i, int bits, uint32_t q) {
   const int per = 32 / bits;
   blk[j / per] |= (q & ((1u << bits) - 1u)) << ((j % per) * bits);
 }
-
-// ---- Quantization (min-max, round to nearest even, fp32 arithmetic) ---------------------------------------
-//   beta = min, alpha = (max - min) / qmax (alpha = 1 when max == min), q = clamp(rint((w - beta) / alpha)).
-// Done in float32 step by step so every backend and the reference agree bit for bit.
 
 // ---- Dropout --------------------------------------------------------------------------------------------
 // keep(seed, index) with index = row * width + column of the tensor dropout applies to: the pooled p [m, in/g]
@@ -148,6 +147,46 @@ QL_HD uint16_t f32_to_f16(float f) {
   }
   uint32_t r = a + 0x0fffu + ((a >> 13) & 1u) - (112u << 23);
   return (uint16_t)(sign | (r >> 13));
+}
+
+// ---- Scale storage and quantization (min-max, round to nearest even, fp32 arithmetic) ----------------------
+// S, the storage of α and β, is float or uint16_t (fp16 bits, `scales fp16`). Per (row, group):
+//   α = (max - min) / qmax (1 when max == min), β = min, both in fp32, step by step;
+//   stored: α̂ = S(α), β̂ = S(β) — for fp16 each rounded to nearest even on its own (β = min does not depend on
+//     α, so rounding one "after" the other changes nothing); an α that would round to 0 (a range below 2^-25·qmax)
+//     is stored as the smallest fp16 subnormal so that the division below stays finite;
+//   q = clamp(rint((w - β̂) / α̂), 0, qmax) against the *stored* values widened to fp32.
+// Quantizing against α̂, β̂ (not the fp32 α, β) is what keeps the error bounded: inside the grid it is at most
+// α̂/2, as with fp32 scales; against the fp32 values it would grow with q, by up to qmax·|α̂ - α| (an eighth of
+// a step at 8 bits). What rounding adds is only at the ends of the range, where clamping meets the moved grid:
+// |w - (α̂·q + β̂)| ≤ α̂/2 + |β̂ - β| + qmax·|α̂ - α| ≤ α̂/2 + 2^-11·(|β| + qmax·α). fp16 holds |α|, |β| up to
+// 65504: larger weights become inf (fp16 scales are for weights a fp16 GGUF file could hold).
+// For S = float every stored value is the fp32 one, bit for bit what this rule was before fp16 scales.
+QL_HD float scale_to_f32(float s) { return s; }
+QL_HD float scale_to_f32(uint16_t s) { return f16_to_f32(s); }
+QL_HD void store_scale(float v, float* dst) { *dst = v; }
+QL_HD void store_scale(float v, uint16_t* dst) { *dst = f32_to_f16(v); }
+
+template <class S>
+struct GroupScales {
+  S alpha, beta;  // what is stored
+  float a, b;     // the stored values widened: what q is computed against and dequantization uses
+};
+template <class S>
+QL_HD GroupScales<S> group_scales(float mn, float mx, float qmax) {
+  GroupScales<S> g;
+  store_scale(mx == mn ? 1.0f : (mx - mn) / qmax, &g.alpha);
+  store_scale(mn, &g.beta);
+  g.a = scale_to_f32(g.alpha);
+  if (g.a == 0.0f) {  // only fp16 underflows here: keep the step positive
+    store_scale(0x1p-24f, &g.alpha);
+    g.a = scale_to_f32(g.alpha);
+  }
+  g.b = scale_to_f32(g.beta);
+  return g;
+}
+QL_HD float quantize_one(float w, float a, float b, float qmax) {
+  return fminf(qmax, fmaxf(0.0f, rintf((w - b) / a)));
 }
 
 }  // namespace qalora

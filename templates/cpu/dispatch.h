@@ -42,10 +42,10 @@ inline bool use_avx2() {
 #define QL_CPU_PUBLIC_SPEC(ID)                                                                                    \
   QL_CPU_DECLARE_SPEC_IN(qalora::cpu_isa::avx2, ID)                                                               \
   namespace qalora::cpu::ID {                                                                                     \
-  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta) {         \
+  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, void* alpha, void* beta) {           \
     QL_CPU_CALL(ID, quantize, w, out, in, qweight, alpha, beta);                                                  \
   }                                                                                                               \
-  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,       \
+  void dequantize(const uint32_t* qweight, const void* alpha, const void* beta, int64_t out, int64_t in,         \
                   float* w) {                                                                                     \
     QL_CPU_CALL(ID, dequantize, qweight, alpha, beta, out, in, w);                                                \
   }                                                                                                               \
@@ -53,5 +53,5 @@ inline bool use_avx2() {
   void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a, float* grad_b) {     \
     QL_CPU_CALL(ID, backward, a, x, dy, dx, grad_a, grad_b);                                                      \
   }                                                                                                               \
-  void merge(const LayerArgs& a, float* beta_out) { QL_CPU_CALL(ID, merge, a, beta_out); }                        \
+  void merge(const LayerArgs& a, void* beta_out) { QL_CPU_CALL(ID, merge, a, beta_out); }                         \
   }

@@ -22,23 +22,26 @@
 #include "layer.h"
 
 /// The ABI entry points of one specialization in this build: qalora::cpu_isa::<isa>::<ID>::{quantize, …}.
-/// Only BITS and whether GROUP is a multiple of 32 select code; the rest are constants passed down.
-#define QL_CPU_DEFINE_SPEC(ID, BITS, GROUP, DTYPE, POOL, MC, NC, KC, GEMV_MAX_ROWS)                              \
+/// Only BITS, whether GROUP is a multiple of 32 and the scale storage SCALE (float or uint16_t) select code;
+/// the rest are constants passed down.
+#define QL_CPU_DEFINE_SPEC(ID, BITS, GROUP, DTYPE, POOL, SCALE, MC, NC, KC, GEMV_MAX_ROWS)                       \
   namespace qalora::cpu_isa::QL_ISA_NS::ID {                                                                    \
-  using Impl = QuantLayer<BITS, (GROUP) % 32 == 0>;                                                             \
+  using Scale = SCALE;                                                                                          \
+  using Impl = QuantLayer<BITS, (GROUP) % 32 == 0, Scale>;                                                      \
   constexpr SpecConsts kSpec{GROUP, DType::DTYPE, Pool::POOL, Blocking{MC, NC, KC}, GEMV_MAX_ROWS};             \
-  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta) {       \
-    Impl::quantize(kSpec, w, out, in, qweight, alpha, beta);                                                    \
+  void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, void* alpha, void* beta) {         \
+    Impl::quantize(kSpec, w, out, in, qweight, static_cast<Scale*>(alpha), static_cast<Scale*>(beta));          \
   }                                                                                                             \
-  void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in,     \
+  void dequantize(const uint32_t* qweight, const void* alpha, const void* beta, int64_t out, int64_t in,       \
                   float* w) {                                                                                   \
-    Impl::dequantize(kSpec, qweight, alpha, beta, out, in, w);                                                  \
+    Impl::dequantize(kSpec, qweight, static_cast<const Scale*>(alpha), static_cast<const Scale*>(beta), out,    \
+                     in, w);                                                                                    \
   }                                                                                                             \
   void forward(const LayerArgs& a, const void* x, void* y) { Impl::forward(kSpec, a, x, y); }                  \
   void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float* grad_a, float* grad_b) {   \
     Impl::backward(kSpec, a, x, dy, dx, grad_a, grad_b);                                                        \
   }                                                                                                             \
-  void merge(const LayerArgs& a, float* beta_out) { QL_ISA_NS::merge(kSpec, a, beta_out); }                     \
+  void merge(const LayerArgs& a, void* beta_out) { QL_ISA_NS::merge(kSpec, a, static_cast<Scale*>(beta_out)); } \
   }
 
 /// Fixed float operations of this build (see float_gemm.h).

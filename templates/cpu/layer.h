@@ -76,17 +76,20 @@ struct OutF32 {
   }
 };
 
-template <int BITS, bool FAST>
+/// S: the storage of α and β (float, or uint16_t fp16 bits for `scales fp16`).
+template <int BITS, bool FAST, class S>
 struct QuantLayer {
   static constexpr int kGemvRowsPerPass = 4;
+  using View = QuantView<S>;
 
-  static QuantView view(const SpecConsts& s, const LayerArgs& a) {
-    return {a.qweight, a.alpha, a.beta, a.in, a.out, words_per_row(a.in, BITS), s.group, a.in / s.group};
+  static View view(const SpecConsts& s, const LayerArgs& a) {
+    return {a.qweight, static_cast<const S*>(a.alpha), static_cast<const S*>(a.beta), a.in, a.out,
+            words_per_row(a.in, BITS), s.group, a.in / s.group};
   }
 
   // ---- quantize / dequantize ------------------------------------------------------------------------------
   static void quantize(const SpecConsts& s, const float* w, int64_t out, int64_t in, uint32_t* qweight,
-                       float* alpha, float* beta) {
+                       S* alpha, S* beta) {
     const int64_t group = s.group, groups = in / group, wpr = words_per_row(in, BITS);
     const float qmax = (float)((1 << BITS) - 1);
     cpu_rt::parallel_range(out, 8, [&](int64_t ob, int64_t oe) {
@@ -100,22 +103,20 @@ struct QuantLayer {
             mn = std::min(mn, src[i]);
             mx = std::max(mx, src[i]);
           }
-          // Step by step in fp32, as qalora_common.h prescribes: every backend must produce these bits.
-          const float a = mx == mn ? 1.f : (mx - mn) / qmax;
-          alpha[o * groups + k] = a;
-          beta[o * groups + k] = mn;
-          for (int64_t i = 0; i < group; i++) {
-            const float q = std::min(qmax, std::max(0.f, std::rint((src[i] - mn) / a)));
-            pack_q(row, k * group + i, BITS, (uint32_t)q);
-          }
+          // The rule of qalora_common.h (stored scales, q against them): every backend produces these bits.
+          const GroupScales<S> gs = group_scales<S>(mn, mx, qmax);
+          alpha[o * groups + k] = gs.alpha;
+          beta[o * groups + k] = gs.beta;
+          for (int64_t i = 0; i < group; i++)
+            pack_q(row, k * group + i, BITS, (uint32_t)quantize_one(src[i], gs.a, gs.b, qmax));
         }
       }
     });
   }
 
-  static void dequantize(const SpecConsts& s, const uint32_t* qweight, const float* alpha, const float* beta,
+  static void dequantize(const SpecConsts& s, const uint32_t* qweight, const S* alpha, const S* beta,
                          int64_t out, int64_t in, float* w) {
-    const QuantView v{qweight, alpha, beta, in, out, words_per_row(in, BITS), s.group, in / s.group};
+    const View v{qweight, alpha, beta, in, out, words_per_row(in, BITS), s.group, in / s.group};
     cpu_rt::parallel_range(out, 8, [&](int64_t ob, int64_t oe) {
       for (int64_t o = ob; o < oe; o++) {
         float* dst = w + o * in;
@@ -187,7 +188,7 @@ struct QuantLayer {
   // ---- forward --------------------------------------------------------------------------------------------
   static void forward(const SpecConsts& s, const LayerArgs& a, const void* x, void* y) {
     if (a.m <= 0 || a.out <= 0) return;
-    const QuantView w = view(s, a);
+    const View w = view(s, a);
     const InF32 xf(s.dtype, x, a.m * a.in);
     const bool gemv = a.m <= s.gemv_max_rows;
     std::vector<float> sums, hs;
@@ -212,7 +213,7 @@ struct QuantLayer {
     } else {
       Blocking bl = s.blocking;
       if (FAST) bl.kc = std::max<int64_t>(32, bl.kc / 32 * 32);  // panels start on whole 32-blocks
-      gemm(a.m, a.out, a.in, {xf.p, a.in, 1}, pack_w_transposed<BITS, FAST>, &w, yf.p, a.out, false, bl);
+      gemm(a.m, a.out, a.in, {xf.p, a.in, 1}, pack_w_transposed<BITS, FAST, S>, &w, yf.p, a.out, false, bl);
       if (a.rank > 0)  // y += (s·h)·Bᵀ: a rank-sized K through the same engine
         gemm_strided(a.m, a.out, a.rank, {hs.data(), a.rank, 1}, {a.lora_b, 1, a.rank}, yf.p, a.out, true);
     }
@@ -221,11 +222,11 @@ struct QuantLayer {
 
   /// y[m0 .. m0+RR, o]: per group the q·x dots scaled by α, plus β·Σx and the adapter; W is never dequantized.
   template <int RR>
-  static void gemv_rows(const LayerArgs& a, const QuantView& w, int64_t o, int64_t m0, const float* xf,
+  static void gemv_rows(const LayerArgs& a, const View& w, int64_t o, int64_t m0, const float* xf,
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
     const int64_t group = w.group, groups = w.groups;
-    const float* alpha = w.alpha + o * groups;
-    const float* beta = w.beta + o * groups;
+    const S* alpha = w.alpha + o * groups;  // read once per group; fp16 widened with F16C (scale_f32)
+    const S* beta = w.beta + o * groups;
     const uint32_t* row = w.row(o);
     const float* x[RR];
     for (int r = 0; r < RR; r++) x[r] = xf + (m0 + r) * a.in;
@@ -248,7 +249,7 @@ struct QuantLayer {
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) dot[r][c % P] = f8_fma(q[c], f8_load(x[r] + i + 8 * c), dot[r][c % P]);
         }
-        const f8 ak = f8_set1(alpha[k]);
+        const f8 ak = f8_set1(scale_f32(alpha[k]));
         for (int r = 0; r < RR; r++) {
           f8 d = dot[r][0];
           for (int c = 1; c < P; c++) d = f8_add(d, dot[r][c]);
@@ -264,13 +265,14 @@ struct QuantLayer {
           const float q = (float)unpack_q(row, i, BITS);
           for (int r = 0; r < RR; r++) dot[r] += q * x[r][i];
         }
-        for (int r = 0; r < RR; r++) res[r] += alpha[k] * dot[r];
+        const float ak = scale_f32(alpha[k]);
+        for (int r = 0; r < RR; r++) res[r] += ak * dot[r];
       }
     }
     for (int r = 0; r < RR; r++) {
       const float* sx = sums.data() + (m0 + r) * groups;
       float offset = 0.f;
-      for (int64_t k = 0; k < groups; k++) offset += beta[k] * sx[k];
+      for (int64_t k = 0; k < groups; k++) offset += scale_f32(beta[k]) * sx[k];
       float lora = 0.f;
       for (int64_t j = 0; j < a.rank; j++) lora += hs[(m0 + r) * a.rank + j] * a.lora_b[o * a.rank + j];
       y[(m0 + r) * a.out + o] = res[r] + offset + lora;
@@ -286,12 +288,12 @@ struct QuantLayer {
       std::fill(grad_b, grad_b + a.out * R, 0.f);
       return;
     }
-    const QuantView w = view(s, a);
+    const View w = view(s, a);
     const InF32 dyf(s.dtype, dy, a.m * a.out);
     OutF32 dxf(s.dtype, dx, a.m * a.in);
     Blocking bl = s.blocking;
     if (FAST) bl.nc = std::max<int64_t>(32, (bl.nc + 31) / 32 * 32);  // panels start on whole 32-blocks
-    gemm(a.m, a.in, a.out, {dyf.p, a.out, 1}, pack_w<BITS, FAST>, &w, dxf.p, a.in, false, bl);
+    gemm(a.m, a.in, a.out, {dyf.p, a.out, 1}, pack_w<BITS, FAST, S>, &w, dxf.p, a.in, false, bl);
     if (R > 0) {
       const InF32 xf(s.dtype, x, a.m * a.in);
       const std::vector<float> p = pooled(s, a, xf.p, group_sums(group, xf.p, a.m, a.in));
@@ -326,8 +328,11 @@ struct QuantLayer {
   }
 };
 
-/// β' = β + s·c·(B·A). Only beta_out is written (it may alias beta); q and α stay as they are.
-inline void merge(const SpecConsts& s, const LayerArgs& a, float* beta_out) {
+/// β' = β + s·c·(B·A), in fp32 and then stored as S (for fp16 scales the one rounding of the merge). Only
+/// beta_out is written (it may alias beta); q and α stay as they are.
+template <class S>
+inline void merge(const SpecConsts& s, const LayerArgs& a, S* beta_out) {
+  const S* beta = static_cast<const S*>(a.beta);
   const int64_t groups = a.in / s.group, R = a.rank;
   const float sc = a.scale * a.pool_scale;
   cpu_rt::parallel_range(a.out, 16, [&](int64_t ob, int64_t oe) {
@@ -339,7 +344,8 @@ inline void merge(const SpecConsts& s, const LayerArgs& a, float* beta_out) {
         const float* arow = a.lora_a + j * groups;
         for (int64_t k = 0; k < groups; k++) delta[k] += b * arow[k];
       }
-      for (int64_t k = 0; k < groups; k++) beta_out[o * groups + k] = a.beta[o * groups + k] + sc * delta[k];
+      for (int64_t k = 0; k < groups; k++)
+        store_scale(scale_f32(beta[o * groups + k]) + sc * delta[k], &beta_out[o * groups + k]);
     }
   });
 }

@@ -44,33 +44,37 @@ inline void unpack_block(const uint32_t* blk, f8 q[4]) {
   }
 }
 
-/// The quantized weight as the packers and the GEMV see it.
+/// The quantized weight as the packers and the GEMV see it; S is the storage of α and β (float or fp16 bits),
+/// read through a(), b() as fp32.
+template <class S>
 struct QuantView {
   const uint32_t* q;
-  const float* alpha;
-  const float* beta;
+  const S* alpha;
+  const S* beta;
   int64_t in, out, words_per_row, group, groups;
   const uint32_t* row(int64_t o) const { return q + o * words_per_row; }
+  float a(int64_t k) const { return scale_f32(alpha[k]); }
+  float b(int64_t k) const { return scale_f32(beta[k]); }
 };
 
 /// Ŵ[o, i0 .. i0+32) for a block-aligned i0 whose 32 inputs share group g (the group a multiple of 32).
-template <int BITS>
-inline void dequant_block(const QuantView& w, int64_t o, int64_t i0, int64_t g, f8 v[4]) {
+template <int BITS, class S>
+inline void dequant_block(const QuantView<S>& w, int64_t o, int64_t i0, int64_t g, f8 v[4]) {
   unpack_block<BITS>(w.row(o) + (i0 >> 5) * BITS, v);
-  const f8 a = f8_set1(w.alpha[o * w.groups + g]), b = f8_set1(w.beta[o * w.groups + g]);
+  const f8 a = f8_set1(w.a(o * w.groups + g)), b = f8_set1(w.b(o * w.groups + g));
   for (int c = 0; c < 4; c++) v[c] = f8_fma(v[c], a, b);
 }
 
-template <int BITS>
-inline float dequant_one(const QuantView& w, int64_t o, int64_t i) {
+template <int BITS, class S>
+inline float dequant_one(const QuantView<S>& w, int64_t o, int64_t i) {
   const int64_t g = o * w.groups + i / w.group;
-  return w.alpha[g] * (float)unpack_q(w.row(o), i, BITS) + w.beta[g];
+  return w.a(g) * (float)unpack_q(w.row(o), i, BITS) + w.b(g);
 }
 
 /// Walks the 32-blocks of [i0, i0 + n) of a row (i0 a multiple of 32), calling body(i, group of i) without a
 /// division per block.
-template <class Body>
-inline void for_each_block(const QuantView& w, int64_t i0, int64_t n, Body&& body) {
+template <class S, class Body>
+inline void for_each_block(const QuantView<S>& w, int64_t i0, int64_t n, Body&& body) {
   int64_t g = i0 / w.group, next = (g + 1) * w.group;
   for (int64_t i = i0; i < i0 + n; i += 32) {
     if (i >= next) {
@@ -83,9 +87,9 @@ inline void for_each_block(const QuantView& w, int64_t i0, int64_t n, Body&& bod
 
 /// Forward: B(k, n) = Ŵ[n, k], so each output row o fills one column of a [kc][NR] slice.
 /// FAST (group a multiple of 32) needs k0 and kc to be multiples of 32; the caller's blocking guarantees it.
-template <int BITS, bool FAST>
+template <int BITS, bool FAST, class S>
 void pack_w_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* panel) {
-  const QuantView& w = *static_cast<const QuantView*>(ctx);
+  const QuantView<S>& w = *static_cast<const QuantView<S>*>(ctx);
   for (int64_t j = 0; j < nc; j += NR) {
     float* slice = panel + (j / NR) * kc * NR;
     for (int col = 0; col < NR; col++) {
@@ -110,9 +114,9 @@ void pack_w_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int6
 
 /// Backward: B(k, n) = Ŵ[k, n], so a row of W fills a row of consecutive slices. FAST needs n0 and nc to be
 /// multiples of 32.
-template <int BITS, bool FAST>
+template <int BITS, bool FAST, class S>
 void pack_w(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* panel) {
-  const QuantView& w = *static_cast<const QuantView*>(ctx);
+  const QuantView<S>& w = *static_cast<const QuantView<S>*>(ctx);
   const int64_t slice_size = kc * NR;
   for (int64_t k = 0; k < kc; k++) {
     const int64_t o = k0 + k;

@@ -35,6 +35,8 @@ inline u8v u8_and(u8v a, uint32_t m) { return {_mm256_and_si256(a.v, _mm256_set1
 inline u8v u8_or(u8v a, u8v b) { return {_mm256_or_si256(a.v, b.v)}; }
 inline f8 u8_to_f8(u8v a) { return {_mm256_cvtepi32_ps(a.v)}; }
 inline f8 f8_from_f16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+/// One stored scale (α or β) as fp32: fp16 bits through F16C's scalar convert.
+inline float scale_f32(uint16_t h) { return _cvtsh_ss(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) {
   _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -64,9 +66,11 @@ inline u8v u8_and(u8v a, uint32_t m) { QL_LANES(a.v[l] &= m); return a; }
 inline u8v u8_or(u8v a, u8v b) { QL_LANES(a.v[l] |= b.v[l]); return a; }
 inline f8 u8_to_f8(u8v a) { f8 r; QL_LANES(r.v[l] = (float)a.v[l]); return r; }
 inline f8 f8_from_f16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = f16_to_f32(p[l])); return r; }
+inline float scale_f32(uint16_t h) { return f16_to_f32(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) { QL_LANES(p[l] = f32_to_f16(a.v[l])); }
 #undef QL_LANES
 #endif
+inline float scale_f32(float s) { return s; }
 
 // ---- Activation storage: fp16 / bf16 rows to and from fp32 (fp32 rows are used in place) --------------------
 struct Fp16 { using T = uint16_t; };

@@ -9,12 +9,12 @@ namespace qalora {
 namespace QL_BACKEND_NS {
 namespace kern {
 
-template <class T>
+template <class T, class S = float>
 struct GemmParams {
   const T* a;              // [m, K]: x (forward) or dy (backward)
   const uint32_t* qweight;
-  const float* alpha;
-  const float* beta;
+  const S* alpha;          // S: float, or fp16 bits (`scales fp16`), read through scale_to_f32
+  const S* beta;
   const float* lora_b;     // forward epilogue: [out, rank]
   const float* h;          // forward epilogue: [m, rank]
   const float* dpx;        // backward epilogue: [m, L] adapter gradient of each group's inputs (may be null)
@@ -75,7 +75,7 @@ struct TileEngine {
   using op = typename T::op;
   using A = ql::Act<act>;
 
-  const GemmParams<act>& p;
+  const GemmParams<act, typename C::scale>& p;
   act* xs;
   op* wd;
   uint32_t* wq;
@@ -124,15 +124,15 @@ struct TileEngine {
       if (go < p.out && gi0 < in) {
         float q[8];
         unpack8<T::BITS>(src + r * T::WWORDS + (c8 >> 2) * T::BITS, c8 & 3, q);
-        const float* arow = p.alpha + go * L;
-        const float* brow = p.beta + go * L;
+        const auto* arow = p.alpha + go * L;
+        const auto* brow = p.beta + go * L;
         if constexpr (G % 8 == 0) {  // the 8 inputs share a group (and lie inside `in`, a multiple of G)
-          const float a = arow[gi0 / G], b = brow[gi0 / G];
+          const float a = scale_to_f32(arow[gi0 / G]), b = scale_to_f32(brow[gi0 / G]);
           QL_UNROLL for (int e = 0; e < 8; e++) v[e] = fmaf(a, q[e], b);
         } else {
           QL_UNROLL for (int e = 0; e < 8; e++) {
             const int gi = gi0 + e, k = gi / G;
-            v[e] = gi < in ? fmaf(arow[k], q[e], brow[k]) : 0.0f;
+            v[e] = gi < in ? fmaf(scale_to_f32(arow[k]), q[e], scale_to_f32(brow[k])) : 0.0f;
           }
         }
       } else {
@@ -293,7 +293,7 @@ QL_DEV void run_simt(const TileEngine<C, TRANS>& e, int64_t ktiles) {
 
 template <class C, bool TRANS>
 __global__ void QL_LAUNCH_BOUNDS(C::gemm_warps * 32, gemm_min_blocks<C>())
-    gemm_kernel(GemmParams<typename C::act> p) {
+    gemm_kernel(GemmParams<typename C::act, typename C::scale> p) {
   using T = Tile<C, TRANS>;
   QL_DYN_SMEM(uint8_t, smem);
   const int64_t K = TRANS ? p.out : p.in;

@@ -107,12 +107,12 @@ QL_DEV void load_block(const uint32_t* __restrict__ src, uint32_t (&w)[BITS]) {
   }
 }
 
-template <class T>
+template <class T, class S = float>
 struct GemvParams {
   const T* x;             // [m, in]
   const uint32_t* qweight;
-  const float* alpha;
-  const float* beta;
+  const S* alpha;         // S: float, or fp16 bits (`scales fp16`), read through scale_to_f32
+  const S* beta;
   const float* lora_b;    // [out, rank]
   const float* h;         // [m, rank]
   T* y;                   // [m, out]
@@ -128,7 +128,7 @@ constexpr int gemv_min_blocks() {
 
 // Rows of x are a compile-time bound MR (runtime m ≤ MR) so the accumulators stay in registers.
 template <class C, int MR>
-__global__ void QL_LAUNCH_BOUNDS(C::gemv_threads, gemv_min_blocks<C>()) gemv_kernel(GemvParams<typename C::act> p) {
+__global__ void QL_LAUNCH_BOUNDS(C::gemv_threads, gemv_min_blocks<C>()) gemv_kernel(GemvParams<typename C::act, typename C::scale> p) {
   constexpr int G = C::group, BITS = C::bits, WARPS = C::gemv_threads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.in / G, nb = (p.in + 31) / 32, wpr = nb * BITS;
@@ -138,8 +138,8 @@ __global__ void QL_LAUNCH_BOUNDS(C::gemv_threads, gemv_min_blocks<C>()) gemv_ker
     float acc[MR];
     QL_UNROLL for (int r = 0; r < MR; r++) acc[r] = 0.0f;
     const uint32_t* qrow = p.qweight + o * wpr;
-    const float* arow = p.alpha + o * L;
-    const float* brow = p.beta + o * L;
+    const typename C::scale* arow = p.alpha + o * L;
+    const typename C::scale* brow = p.beta + o * L;
     for (int64_t b = lane; b < nb; b += 32) {
       uint32_t words[BITS];
       load_block<BITS>(qrow + b * BITS, words);
@@ -157,7 +157,7 @@ __global__ void QL_LAUNCH_BOUNDS(C::gemv_threads, gemv_min_blocks<C>()) gemv_ker
         if constexpr (G % 32 != 0) {  // groups cut through the block: dequantize each weight, α·q + β
           QL_UNROLL for (int e = 0; e < 8; e++) {
             const int k = (int)((ic + e) / G);
-            q[e] = e < n ? fmaf(arow[k], q[e], brow[k]) : 0.0f;
+            q[e] = e < n ? fmaf(scale_to_f32(arow[k]), q[e], scale_to_f32(brow[k])) : 0.0f;
           }
         }
         QL_UNROLL for (int r = 0; r < MR; r++) {
@@ -172,7 +172,7 @@ __global__ void QL_LAUNCH_BOUNDS(C::gemv_threads, gemv_min_blocks<C>()) gemv_ker
         }
       }
       if constexpr (G % 32 == 0) {
-        const float a = arow[i0 / G], bt = brow[i0 / G];
+        const float a = scale_to_f32(arow[i0 / G]), bt = scale_to_f32(brow[i0 / G]);
         QL_UNROLL for (int r = 0; r < MR; r++) acc[r] = fmaf(a, dot[r], fmaf(bt, xs[r], acc[r]));
       } else {
         QL_UNROLL for (int r = 0; r < MR; r++) acc[r] += dot[r];

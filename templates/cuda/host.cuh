@@ -23,11 +23,14 @@ void set_smem(K kernel, size_t bytes) {
               "cudaFuncSetAttribute(max dynamic shared memory)");
 }
 
+// C::scale is the storage of α and β (float, or fp16 bits): staged as they are, never widened on the host.
 template <class C>
-void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float* alpha, float* beta) {
+void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, typename C::scale* alpha,
+              typename C::scale* beta) {
   if (out <= 0 || in <= 0) return;
   const int64_t L = in / C::group, wpr = words_per_row(in, C::bits);
-  ql::DeviceBuffer<float> dw(w, out * in), da(out * L), db(out * L);
+  ql::DeviceBuffer<float> dw(w, out * in);
+  ql::DeviceBuffer<typename C::scale> da(out * L), db(out * L);
   ql::DeviceBuffer<uint32_t> dq(out * wpr);
   auto stats = kern::quantize_stats_kernel<C>;
   QL_LAUNCH(stats, ql::ceil_div(out * L * 32, kAuxThreads), kAuxThreads, 0, 0)(dw.ptr, out, in, da.ptr, db.ptr);
@@ -42,11 +45,13 @@ void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, float*
 }
 
 template <class C>
-void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, int64_t out, int64_t in, float* w) {
+void dequantize(const uint32_t* qweight, const typename C::scale* alpha, const typename C::scale* beta, int64_t out,
+                int64_t in, float* w) {
   if (out <= 0 || in <= 0) return;
   const int64_t L = in / C::group;
   ql::DeviceBuffer<uint32_t> dq(qweight, out * words_per_row(in, C::bits));
-  ql::DeviceBuffer<float> da(alpha, out * L), db(beta, out * L), dw(out * in);
+  ql::DeviceBuffer<typename C::scale> da(alpha, out * L), db(beta, out * L);
+  ql::DeviceBuffer<float> dw(out * in);
   auto k = kern::dequantize_kernel<C>;
   QL_LAUNCH(k, ql::ceil_div(out * in, kAuxThreads), kAuxThreads, 0, 0)(dq.ptr, da.ptr, db.ptr, out, in, dw.ptr);
   ql::launched("dequantize_kernel");
@@ -54,20 +59,22 @@ void dequantize(const uint32_t* qweight, const float* alpha, const float* beta, 
   dw.to_host(w);
 }
 
-// The layer's weights and adapter on the device.
+// The layer's weights and adapter on the device; S is the specialization's scale storage.
+template <class S>
 struct DeviceLayer {
   ql::DeviceBuffer<uint32_t> qweight;
-  ql::DeviceBuffer<float> alpha, beta, lora_a, lora_b;
+  ql::DeviceBuffer<S> alpha, beta;
+  ql::DeviceBuffer<float> lora_a, lora_b;
   DeviceLayer(const LayerArgs& a, int bits, int64_t L, int rank)
       : qweight(a.qweight, a.out * words_per_row(a.in, bits)),
-        alpha(a.alpha, a.out * L),
-        beta(a.beta, a.out * L),
+        alpha(static_cast<const S*>(a.alpha), a.out * L),
+        beta(static_cast<const S*>(a.beta), a.out * L),
         lora_a(rank ? a.lora_a : nullptr, rank * L),
         lora_b(rank ? a.lora_b : nullptr, a.out * rank) {}
 };
 
 template <class C, bool TRANS>
-void launch_gemm(const kern::GemmParams<typename C::act>& gp) {
+void launch_gemm(const kern::GemmParams<typename C::act, typename C::scale>& gp) {
   using T = kern::Tile<C, TRANS>;
   auto k = kern::gemm_kernel<C, TRANS>;
   set_smem(k, T::smem_bytes);
@@ -77,7 +84,7 @@ void launch_gemm(const kern::GemmParams<typename C::act>& gp) {
 }
 
 template <class C, int MR>
-void launch_gemv(const kern::GemvParams<typename C::act>& gp) {
+void launch_gemv(const kern::GemvParams<typename C::act, typename C::scale>& gp) {
   auto k = kern::gemv_kernel<C, MR>;
   QL_LAUNCH(k, ql::ceil_div(gp.out, C::gemv_rows_per_block), C::gemv_threads, 0, 0)(gp);
   ql::launched("gemv_kernel");
@@ -90,7 +97,7 @@ void forward(const LayerArgs& a, const void* x, void* y) {
   const int64_t L = a.in / C::group;
   const int rank = a.rank > 0 ? (int)a.rank : 0;
   const bool gemv = a.m <= C::gemv_max_rows;
-  DeviceLayer w(a, C::bits, L, rank);
+  DeviceLayer<typename C::scale> w(a, C::bits, L, rank);
   ql::DeviceBuffer<act> dx(static_cast<const act*>(x), a.m * a.in), dy(a.m * a.out);
   ql::DeviceBuffer<float> pooled(rank ? a.m * L : 0), h(a.m * rank);
   if (rank > 0) {
@@ -100,13 +107,13 @@ void forward(const LayerArgs& a, const void* x, void* y) {
     ql::launched("pool_kernel");
   }
   if (gemv) {
-    kern::GemvParams<act> gp{dx.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, w.lora_b.ptr, h.ptr, dy.ptr,
+    kern::GemvParams<act, typename C::scale> gp{dx.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, w.lora_b.ptr, h.ptr, dy.ptr,
                              a.m, a.in, a.out, rank, a.scale};
     if (a.m == 1) {
       launch_gemv<C, 1>(gp);
     } else {  // register blocks of kGemvRows rows; each block of rows streams W once
       for (int64_t r0 = 0; r0 < a.m; r0 += kGemvRows) {
-        kern::GemvParams<act> part = gp;
+        kern::GemvParams<act, typename C::scale> part = gp;
         part.x += r0 * a.in;
         part.h += r0 * rank;
         part.y += r0 * a.out;
@@ -115,7 +122,7 @@ void forward(const LayerArgs& a, const void* x, void* y) {
       }
     }
   } else {
-    kern::GemmParams<act> gp{dx.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, w.lora_b.ptr, h.ptr, nullptr, dy.ptr,
+    kern::GemmParams<act, typename C::scale> gp{dx.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, w.lora_b.ptr, h.ptr, nullptr, dy.ptr,
                              a.m, a.in, a.out, rank, a.scale, dropout_of(a)};
     launch_gemm<C, false>(gp);
   }
@@ -129,7 +136,7 @@ void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float
   if (a.m <= 0 || a.in <= 0) return;
   const int64_t L = a.in / C::group;
   const int rank = a.rank > 0 ? (int)a.rank : 0;
-  DeviceLayer w(a, C::bits, L, rank);
+  DeviceLayer<typename C::scale> w(a, C::bits, L, rank);
   ql::DeviceBuffer<act> dxin(rank ? static_cast<const act*>(x) : nullptr, rank ? a.m * a.in : 0);
   ql::DeviceBuffer<act> ddy(static_cast<const act*>(dy), a.m * a.out), ddx(a.m * a.in);
   ql::DeviceBuffer<float> pooled(a.m * L * (rank ? 1 : 0)), h(a.m * rank);
@@ -164,7 +171,7 @@ void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float
     QL_LAUNCH(k_dp, ql::ceil_div(a.m * L, kAuxThreads), kAuxThreads, 0, 0)(lp);
     ql::launched("lora_dpx_kernel");
   }
-  kern::GemmParams<act> gp{ddy.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, nullptr, nullptr,
+  kern::GemmParams<act, typename C::scale> gp{ddy.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, nullptr, nullptr,
                            rank ? dpx.ptr : nullptr, ddx.ptr, a.m, a.in, a.out, rank, a.scale, drop};
   launch_gemm<C, true>(gp);
   ql::finish("backward");
@@ -176,15 +183,17 @@ void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float
 }
 
 template <class C>
-void merge(const LayerArgs& a, float* beta_out) {
+void merge(const LayerArgs& a, typename C::scale* beta_out) {
+  using S = typename C::scale;
   if (a.out <= 0) return;
   const int64_t L = a.in / C::group;
   const int rank = a.rank > 0 ? (int)a.rank : 0;
   if (rank == 0) {
-    memcpy(beta_out, a.beta, sizeof(float) * a.out * L);
+    memcpy(beta_out, a.beta, sizeof(S) * a.out * L);
     return;
   }
-  ql::DeviceBuffer<float> db(a.beta, a.out * L), da(a.lora_a, rank * L), dlb(a.lora_b, a.out * rank), dout(a.out * L);
+  ql::DeviceBuffer<S> db(static_cast<const S*>(a.beta), a.out * L), dout(a.out * L);
+  ql::DeviceBuffer<float> da(a.lora_a, rank * L), dlb(a.lora_b, a.out * rank);
   auto k = kern::merge_kernel<C>;
   QL_LAUNCH(k, ql::ceil_div(a.out * L, kAuxThreads), kAuxThreads, 0, 0)(db.ptr, da.ptr, dlb.ptr, a.out, L, rank,
                                                                          a.scale * a.pool_scale, dout.ptr);

@@ -89,17 +89,19 @@ __global__ void QL_LAUNCH_BOUNDS(256, 1) lora_dpx_kernel(LoraGradParams<typename
   p.dpx[idx] = acc;
 }
 
-// Thread per (o, k): the adapter is constant over a group, so it folds into that group's offset.
+// Thread per (o, k): the adapter is constant over a group, so it folds into that group's offset (computed in
+// fp32, stored as C::scale: for fp16 scales the merge's one rounding).
 template <class C>
-__global__ void QL_LAUNCH_BOUNDS(256, 1) merge_kernel(const float* __restrict__ beta, const float* __restrict__ lora_a,
+__global__ void QL_LAUNCH_BOUNDS(256, 1) merge_kernel(const typename C::scale* __restrict__ beta,
+                                                      const float* __restrict__ lora_a,
                                                       const float* __restrict__ lora_b, int64_t out, int64_t L,
-                                                      int rank, float factor, float* __restrict__ beta_out) {
+                                                      int rank, float factor, typename C::scale* __restrict__ beta_out) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= out * L) return;
   const int64_t o = idx / L, k = idx % L;
   float acc = 0.0f;
   for (int r = 0; r < rank; r++) acc = fmaf(lora_b[o * rank + r], lora_a[r * L + k], acc);
-  beta_out[idx] = fmaf(factor, acc, beta[idx]);
+  store_scale(fmaf(factor, acc, scale_to_f32(beta[idx])), &beta_out[idx]);
 }
 
 }  // namespace kern

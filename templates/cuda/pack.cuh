@@ -39,9 +39,11 @@ QL_DEV void unpack8(const uint32_t* blk, int c, float (&q)[8]) {
   }
 }
 
+// α and β per (row, group) by the rule of qalora_common.h (group_scales), stored as C::scale.
 template <class C>
 __global__ void QL_LAUNCH_BOUNDS(256, 1) quantize_stats_kernel(const float* __restrict__ w, int64_t out, int64_t in,
-                                                               float* __restrict__ alpha, float* __restrict__ beta) {
+                                                               typename C::scale* __restrict__ alpha,
+                                                               typename C::scale* __restrict__ beta) {
   constexpr int G = C::group;
   constexpr float qmax = (float)((1 << C::bits) - 1);
   const int lane = threadIdx.x & 31;
@@ -60,14 +62,16 @@ __global__ void QL_LAUNCH_BOUNDS(256, 1) quantize_stats_kernel(const float* __re
     mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
   }
   if (lane == 0) {
-    alpha[gw] = mx == mn ? 1.0f : (mx - mn) / qmax;
-    beta[gw] = mn;
+    const GroupScales<typename C::scale> gs = group_scales<typename C::scale>(mn, mx, qmax);
+    alpha[gw] = gs.alpha;
+    beta[gw] = gs.beta;
   }
 }
 
 template <class C>
 __global__ void QL_LAUNCH_BOUNDS(256, 1) pack_kernel(const float* __restrict__ w, int64_t out, int64_t in,
-                                                     const float* __restrict__ alpha, const float* __restrict__ beta,
+                                                     const typename C::scale* __restrict__ alpha,
+                                                     const typename C::scale* __restrict__ beta,
                                                      uint32_t* __restrict__ qweight) {
   constexpr int G = C::group, BITS = C::bits;
   constexpr float qmax = (float)((1 << BITS) - 1);
@@ -78,9 +82,8 @@ __global__ void QL_LAUNCH_BOUNDS(256, 1) pack_kernel(const float* __restrict__ w
   const int64_t o = gw / nb, b = gw % nb, i = b * 32 + lane, L = in / G;
   uint32_t q = 0;  // padding inputs of the last block stay 0
   if (i < in) {
-    const float a = alpha[o * L + i / G], lo = beta[o * L + i / G];
-    const float r = rintf((w[o * in + i] - lo) / a);
-    q = (uint32_t)fminf(fmaxf(r, 0.0f), qmax);
+    // against the stored (possibly fp16-rounded) scales, as qalora_common.h prescribes
+    q = (uint32_t)quantize_one(w[o * in + i], scale_to_f32(alpha[o * L + i / G]), scale_to_f32(beta[o * L + i / G]), qmax);
   }
   uint32_t* words = qweight + o * words_per_row(in, BITS) + b * BITS;
   if constexpr (BITS == 3) {
@@ -99,14 +102,14 @@ __global__ void QL_LAUNCH_BOUNDS(256, 1) pack_kernel(const float* __restrict__ w
 
 template <class C>
 __global__ void QL_LAUNCH_BOUNDS(256, 1) dequantize_kernel(const uint32_t* __restrict__ qweight,
-                                                           const float* __restrict__ alpha,
-                                                           const float* __restrict__ beta, int64_t out, int64_t in,
-                                                           float* __restrict__ w) {
+                                                           const typename C::scale* __restrict__ alpha,
+                                                           const typename C::scale* __restrict__ beta, int64_t out,
+                                                           int64_t in, float* __restrict__ w) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= out * in) return;
   const int64_t o = idx / in, i = idx % in, k = o * (in / C::group) + i / C::group;
   const float q = (float)unpack_q(qweight + o * words_per_row(in, C::bits), i, C::bits);
-  w[idx] = fmaf(alpha[k], q, beta[k]);
+  w[idx] = fmaf(scale_to_f32(alpha[k]), q, scale_to_f32(beta[k]));
 }
 
 }  // namespace kern

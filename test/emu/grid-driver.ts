@@ -5,7 +5,7 @@
 import { mkdirSync, writeFileSync, existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { dirname, join } from 'node:path';
-import type { ActDType, Bits, Pool, ResolvedSpec } from '../../dsl/resolved.ts';
+import type { ActDType, Bits, Pool, ResolvedSpec, ScaleDType } from '../../dsl/resolved.ts';
 import { compilerVersion, planSpec } from '../../compiler/plan.ts';
 import { renderSources } from '../../compiler/render.ts';
 import { repoRoot } from '../fixtures.ts';
@@ -16,6 +16,8 @@ export interface DriverCase {
   group: number;
   dtype: ActDType;
   pool: Pool;
+  /** α/β storage; fp32 when absent. */
+  scales?: ScaleDType;
   in: number;
   out: number;
 }
@@ -27,7 +29,7 @@ export function driverSpec(name: string, cases: DriverCase[]): ResolvedSpec {
     file: `<${name}>`,
     targets: { cpu: false, cuda: { archs: ['sm_80'] } },
     layers: cases.map((c) => ({
-      name: `l_${c.id}`, bits: c.bits, group: c.group, dtype: c.dtype, pool: c.pool,
+      name: `l_${c.id}`, bits: c.bits, group: c.group, dtype: c.dtype, pool: c.pool, scales: c.scales ?? 'fp32',
       inFeatures: c.in, outFeatures: c.out, rank: 8, alpha: 16, dropout: 0.1, count: 1,
     })),
   };
@@ -36,7 +38,7 @@ export function driverSpec(name: string, cases: DriverCase[]): ResolvedSpec {
 function driverSource(cases: DriverCase[]): string {
   const calls = cases
     .map(
-      (c) => `  if (id == "${c.id}") return run<${c.dtype === 'fp32' ? 'float' : 'uint16_t'}, ${c.dtype === 'bf16'}>(
+      (c) => `  if (id == "${c.id}") return run<${c.dtype === 'fp32' ? 'float' : 'uint16_t'}, ${c.dtype === 'bf16'}, ${c.scales === 'fp16' ? 'uint16_t' : 'float'}>(
       qalora::emu::${c.id}::quantize, qalora::emu::${c.id}::dequantize, qalora::emu::${c.id}::forward,
       qalora::emu::${c.id}::backward, qalora::emu::${c.id}::merge, ${c.in}, ${c.out}, ${c.group}, ${c.bits}, m, rank);`,
     )
@@ -71,13 +73,14 @@ float value(A a) {
   else return BF16 ? qalora::bf16_to_f32(a) : qalora::f16_to_f32(a);
 }
 
-template <class A, bool BF16>
+template <class A, bool BF16, class S>
 int run(Quantize quantize, Dequantize dequantize, Forward forward, Backward backward, Merge merge, int64_t in,
         int64_t out, int64_t group, int bits, int64_t m, int64_t rank) {
   uint32_t s = 12345;
   const int64_t L = in / group, words = qalora::words_per_row(in, bits);
   // Exact-size vectors: any access past an end is a heap-buffer-overflow for ASan.
-  std::vector<float> w(out * in), alpha(out * L), beta(out * L), wq(out * in), a(rank * L), b(out * rank);
+  std::vector<float> w(out * in), wq(out * in), a(rank * L), b(out * rank);
+  std::vector<S> alpha(out * L), beta(out * L), beta2(out * L);
   std::vector<uint32_t> q(out * words);
   for (auto& v : w) v = rnd(s);
   for (auto& v : a) v = rnd(s);
@@ -87,7 +90,7 @@ int run(Quantize quantize, Dequantize dequantize, Forward forward, Backward back
   std::vector<A> x(m * in), y(m * out), dy(m * out), dx(m * in);
   for (auto& v : x) v = act<A, BF16>(rnd(s));
   for (auto& v : dy) v = act<A, BF16>(rnd(s));
-  std::vector<float> ga(rank * L), gb(out * rank), beta2(out * L);
+  std::vector<float> ga(rank * L), gb(out * rank);
   qalora::LayerArgs args{q.data(), alpha.data(), beta.data(), rank ? a.data() : nullptr, rank ? b.data() : nullptr,
                          m, in, out, rank, rank ? 2.0f / rank : 0.0f, 1.0f / group, 0.1f, 1, 7};
   forward(args, x.data(), y.data());
@@ -99,7 +102,7 @@ int run(Quantize quantize, Dequantize dequantize, Forward forward, Backward back
   for (A v : dx) bad += !std::isfinite(value<A, BF16>(v));
   for (float v : ga) bad += !std::isfinite(v);
   for (float v : gb) bad += !std::isfinite(v);
-  for (float v : beta2) bad += !std::isfinite(v);
+  for (S v : beta2) bad += !std::isfinite(qalora::scale_to_f32(v));
   if (bad) {
     printf("FAIL %d non-finite outputs\\n", bad);
     return 1;
