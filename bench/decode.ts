@@ -12,7 +12,7 @@
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { lastJson, loadLabel, quietMoment, ROOT, runChild } from './sequential.ts';
+import { childFailed, lastJson, loadLabel, quietMoment, ROOT, runChild } from './sequential.ts';
 import { promptOf, SHAPES, syntheticGguf } from './synthetic-gguf.ts';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -149,7 +149,7 @@ for (const s of shapes) {
   // cache, so neither lands in (or right before) a measurement.
   log(`${s}: qalora warm-up (build if needed, file into the page cache) …`);
   const warm = await runChild(tsx(fileURLToPath(import.meta.url), '--child-qalora', file, '[1]', '0', '0', '0'));
-  if (warm.code !== 0) throw new Error(`qalora warm-up exited ${warm.code}: ${warm.stderr.trim().split('\n').slice(-10).join('\n')}`);
+  if (warm.code !== 0) throw childFailed(warm, 'qalora warm-up');
   const rows: Measured[] = [];
   for (const t of threadCounts) {
     log(`${s}: ${t} thread(s) …`);

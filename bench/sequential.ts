@@ -25,11 +25,16 @@ export function runChild(argv: string[], env: NodeJS.ProcessEnv = {}): Promise<C
   });
 }
 
-/** The child's last stdout line as JSON; an error with the tail of its stderr when it failed. */
+/** An error naming the child's exit status and the end of its stderr. */
+export function childFailed(r: ChildResult, what: string): Error {
+  return new Error(`${what} exited ${r.code}: ${r.stderr.trim().split('\n').slice(-10).join('\n')}`);
+}
+
+/** The child's last stdout line as JSON, or childFailed. */
 export function lastJson<T>(r: ChildResult, what: string): T {
   const last = r.stdout.trim().split('\n').pop() ?? '';
   if (r.code === 0 && last.startsWith('{')) return JSON.parse(last) as T;
-  throw new Error(`${what} exited ${r.code}: ${r.stderr.trim().split('\n').slice(-10).join('\n')}`);
+  throw childFailed(r, what);
 }
 
 /**

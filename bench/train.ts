@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { ProfileReport } from '../runtime/model/profile.ts';
-import { lastJson, loadLabel, quietMoment, ROOT, runChild } from './sequential.ts';
+import { childFailed, lastJson, loadLabel, quietMoment, ROOT, runChild } from './sequential.ts';
 import { SHAPES, syntheticGguf } from './synthetic-gguf.ts';
 
 const { values: o } = parseArgs({
@@ -54,7 +54,7 @@ async function ensureTorch(): Promise<void> {
     await runChild(['apt-get', 'update']);
     r = await runChild(['apt-get', 'install', '-y', ...pkgs], { DEBIAN_FRONTEND: 'noninteractive' });
   }
-  if (r.code !== 0 || !(await hasTorch())) throw new Error(`apt-get install ${pkgs.join(' ')} failed: ${r.stderr.trim().split('\n').slice(-5).join('\n')}`);
+  if (r.code !== 0 || !(await hasTorch())) throw childFailed(r, `apt-get install ${pkgs.join(' ')}`);
 }
 
 interface TorchResult { engine: string; step_s_median: number; train_tok_s: number; tokens_per_step: number; loss: number }
@@ -87,7 +87,7 @@ async function runQalora(file: string, spec: string): Promise<QaloraResult> {
       '--seq-len', String(seq), '--batch-size', String(batch), '--max-steps', String(steps + 1), '--val-fraction', '0', '--eval-every', '0',
       '--save-every', '0', '--quiet', '--profile'], { QALORA_THREADS: String(threads) });
     const metrics = join(out, 'metrics.jsonl');
-    if (r.code !== 0 || !existsSync(metrics)) throw new Error(`qalora train exited ${r.code}: ${r.stderr.trim().split('\n').slice(-10).join('\n')}`);
+    if (r.code !== 0 || !existsSync(metrics)) throw childFailed(r, 'qalora train');
     const train = readFileSync(metrics, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { kind: string; loss: number; elapsed: number })
       .filter((m) => m.kind === 'train');
     // Per-step seconds from the cumulative elapsed; the first step is the warm-up, as on PyTorch's side.
@@ -118,7 +118,7 @@ const warmDir = mkdtempSync(join(tmpdir(), 'qalora-bench-warm-'));
 const warm = await runChild([process.execPath, 'bin/qalora.mjs', 'train', '--model', file, '--spec', spec, '--data', o.data!, '--out', warmDir,
   '--seq-len', String(seq), '--batch-size', '1', '--max-steps', '1', '--val-fraction', '0', '--eval-every', '0', '--quiet']);
 rmSync(warmDir, { recursive: true, force: true });
-if (warm.code !== 0) throw new Error(`qalora warm-up exited ${warm.code}: ${warm.stderr.trim().split('\n').slice(-10).join('\n')}`);
+if (warm.code !== 0) throw childFailed(warm, 'qalora warm-up');
 
 const loadQ = await quietMoment(`qalora train, ${threads} thread(s)`, settle);
 const ours = await runQalora(file, spec);

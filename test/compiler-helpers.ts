@@ -79,11 +79,11 @@ std::string status() {
 {% for s in specializations %}
 namespace qalora::cuda::{{ s.id }} {
 __global__ void touch(float* a) { a[threadIdx.x] += 1.f; }
-void quantize(const float*, int64_t, int64_t, uint32_t*, float*, float*) {}
-void dequantize(const uint32_t*, const float*, const float*, int64_t, int64_t, float*) {}
+void quantize(const float*, int64_t, int64_t, uint32_t*, void*, void*) {}
+void dequantize(const uint32_t*, const void*, const void*, int64_t, int64_t, float*) {}
 void forward(const LayerArgs&, const void*, void*) {}
 void backward(const LayerArgs&, const void*, const void*, void*, float*, float*) {}
-void merge(const LayerArgs&, float*) {}
+void merge(const LayerArgs&, void*) {}
 }
 {% endfor %}
 `;

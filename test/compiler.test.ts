@@ -126,7 +126,7 @@ describe('render', () => {
     expect(c.files.some((f) => f.path.startsWith('src/cuda/'))).toBe(false);
     expect(c.backends).toEqual(['cpu']);
     expect(file(c, 'CMakeLists.txt')).toContain('the spec has no cuda target');
-    expect(file(c, 'src/addon/addon.cpp')).toContain('QL_KERNEL_ENTRY(cpu, b2_g32_fp32_mean, 2, 32, F32)');
+    expect(file(c, 'src/addon/addon.cpp')).toContain('QL_KERNEL_ENTRY(cpu, b2_g32_fp32_mean, 2, 32, F32, F32)');
   });
 
   it('names the template when one fails to render', () => {

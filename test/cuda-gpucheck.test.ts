@@ -24,7 +24,7 @@ describe('bench/gpu-check.sh --dry', () => {
       const summary = readFileSync(join(out, 'summary.txt'), 'utf8');
       expect(readFileSync(join(out, 'gpu-check.log'), 'utf8')).toContain('GPU-CHECK done status=pass dry=1 gpu=0');
       expect(summary).toMatch(/^SKIP cuda backend grid \(no GPU\)/m);
-      expect(summary).toMatch(/^GRID-SUMMARY against=reference backend=emu cases=15 checks=135 failures=0 /m);
+      expect(summary).toMatch(/^GRID-SUMMARY against=reference backend=emu cases=20 checks=180 failures=0 /m);
       expect(summary).toMatch(/^bench built spec=b4_g32_fp16_mean arch=sm_80/m);
       expect(summary).toMatch(/^SKIP gpu benchmark \(no GPU\): the binary ran and reported STATUS unavailable: /m);
       expect(existsSync(join(out, 'bench.json'))).toBe(false);
@@ -34,7 +34,7 @@ describe('bench/gpu-check.sh --dry', () => {
         rows: Array<{ id: string; m: number; op: string; err: number; tol: number; ok: boolean }>;
       };
       const ids = new Set(grid.rows.map((row) => row.id));
-      expect([...ids].sort()).toEqual(['b2_g64_bf16_peft', 'b3_g43_fp32_sum', 'b4_g32_fp16_mean']);
+      expect([...ids].sort()).toEqual(['b2_g64_bf16_peft', 'b3_g43_fp32_sum', 'b4_g32_fp16_mean', 'b4_g32_fp32_mean_s16']);
       for (const row of grid.rows) {
         expect(row.ok, JSON.stringify(row)).toBe(true);
         expect(row.err).toBeLessThanOrEqual(row.tol);
