@@ -237,7 +237,7 @@ dropout 0.05, all seven projections. Each method's rate is swept on seed 1 (LoRA
 pooling ${lrs('mean')}; sum pooling ${lrs('sum')}) and selected on a validation split (the last 5% of the training
 windows, ${selectN} scored, never trained on); seeds ${laterSeeds.join(', ')} then run at the selected rate. Mean ± standard deviation over
 seeds ${seeds.join(', ')} (adapter init, data order, dropout). LoRA's rate is selected per row on its quantized model.
-${groupNote ? `Groups: ${groupNote}. ` : ''}${skipped.length ? `Group ${skipped.join(', ')} does not divide dim ${cfg.dim}: not run. ` : ''}GPTQ calibrates on ${calibWin.count} training windows.
+${groupNote ? `Groups: ${groupNote}. ` : ''}${skipped.length ? `Group ${skipped.join(', ')} does not divide dim ${cfg.dim}: not run. ` : ''}${quantizers.includes('gptq') ? `GPTQ calibrates on ${calibWin.count} training windows.` : ''}
 
 - (a) float base, no tuning: **${floatPpl.toFixed(2)}**
 - LoRA on the float base, merged, deployed in float (16-bit; not INT-b): ${fmt(loraFloat.test)} (rate ${loraFloat.lr})
