@@ -1,9 +1,10 @@
 // Decode and prefill speed of qalora beside llama.cpp (node-llama-cpp 3.21.1) on the same LLaMA-shaped GGUF
 // files (bench/synthetic-gguf.ts), at each thread count, plus qalora's serve-style batched decode: N concurrent
 // streams through LlamaModel.stepBatch against one stream at the same positions (issue 10, items 2 and 4).
+// qalora runs in each --activations mode: fp32 (exact) and int8 (activations quantized per 32 inputs, as llama.cpp).
 //
-//   npx tsx bench/decode.ts [--shapes tinyllama,llama7b] [--threads 1,2] [--prompt-tokens 128] [--decode 32]
-//                           [--streams 8] [--batch-steps 16] [--settle 30] [--json]
+//   npx tsx bench/decode.ts [--shapes tinyllama,llama7b] [--threads 1,2] [--activations fp32,int8] [--prompt-tokens 128]
+//                           [--decode 32] [--streams 8] [--batch-steps 16] [--settle 30] [--json]
 //
 // Every measurement runs in a child process of its own, one at a time (bench/sequential.ts): llama.cpp's threads
 // spin at a barrier after every op, so a second job on these 2 cores — even our own other tool — collapses its
@@ -23,9 +24,10 @@ interface QaloraSpeeds { prefill: number; decode: number; promptTokens: number; 
 
 if (process.argv[2] === '--child-qalora') {
   const [file, ids, decode, streams, steps] = [process.argv[3], JSON.parse(process.argv[4]) as number[], Number(process.argv[5]), Number(process.argv[6]), Number(process.argv[7])];
+  const activations = (process.argv[8] ?? 'fp32') as 'fp32' | 'int8';
   const { openModel } = await import('../runtime/model/open.ts');
   const { argmax } = await import('../runtime/sampling.ts');
-  const { model } = await openModel({ model: file, inferred: { rank: 0 } }); // inference: no adapter, as generate
+  const { model } = await openModel({ model: file, inferred: { rank: 0 }, activations }); // inference: no adapter, as generate
   process.stdout.write('READY\n');
   if (decode === 0) process.exit(0); // warm-up run: the addon is built, the file's pages are cached
 
@@ -67,6 +69,7 @@ const { values: o } = parseArgs({
   options: {
     shapes: { type: 'string', default: 'tinyllama' },
     threads: { type: 'string', default: '1,2' },
+    activations: { type: 'string', default: 'fp32,int8' },
     'prompt-tokens': { type: 'string', default: '128' },
     decode: { type: 'string', default: '32' },
     streams: { type: 'string', default: '8' },
@@ -78,6 +81,9 @@ const { values: o } = parseArgs({
 const shapes = o.shapes!.split(',').map((s) => s.trim()).filter(Boolean);
 for (const s of shapes) if (!SHAPES[s]) throw new Error(`--shapes: unknown shape '${s}' (${Object.keys(SHAPES).join(', ')})`);
 const threadCounts = o.threads!.split(',').map(Number);
+type Mode = 'fp32' | 'int8';
+const modes = o.activations!.split(',').map((s) => s.trim()) as Mode[];
+for (const m of modes) if (m !== 'fp32' && m !== 'int8') throw new Error(`--activations: unknown mode '${m}' (fp32, int8)`);
 const decode = Number(o.decode), streams = Number(o.streams), batchSteps = Number(o['batch-steps']), settle = Number(o.settle);
 
 // ---- Children -------------------------------------------------------------------------------------------------
@@ -85,7 +91,8 @@ const decode = Number(o.decode), streams = Number(o.streams), batchSteps = Numbe
 const log = (s: string) => process.stderr.write(s + '\n');
 const tsx = (...args: string[]) => [process.execPath, '--import', 'tsx', ...args];
 
-interface Measured { threads: number; cpp: { prefill: number; decode: number; load: number[] } | { error: string; load: number[] }; ours: (QaloraSpeeds & { load: number[] }) | { error: string; load: number[] } }
+type Ours = (QaloraSpeeds & { load: number[] }) | { error: string; load: number[] };
+interface Measured { threads: number; cpp: { prefill: number; decode: number; load: number[] } | { error: string; load: number[] }; ours: Partial<Record<Mode, Ours>> }
 
 async function measure(file: string, ids: number[], threads: number): Promise<Measured> {
   let load = await quietMoment(`llama.cpp, ${threads} thread(s)`, settle);
@@ -98,15 +105,16 @@ async function measure(file: string, ids: number[], threads: number): Promise<Me
   } catch (e) {
     cpp = { error: (e as Error).message, load };
   }
-  load = await quietMoment(`qalora, ${threads} thread(s)`, settle);
-  let ours: Measured['ours'];
-  try {
-    const r = await runChild(tsx(fileURLToPath(import.meta.url), '--child-qalora', file, JSON.stringify(ids), String(decode), String(streams), String(batchSteps)),
-      { QALORA_THREADS: String(threads) });
-    const j = lastJson<QaloraSpeeds>(r, 'qalora');
-    ours = { ...j, load };
-  } catch (e) {
-    ours = { error: (e as Error).message, load };
+  const ours: Measured['ours'] = {};
+  for (const mode of modes) {
+    load = await quietMoment(`qalora (${mode} activations), ${threads} thread(s)`, settle);
+    try {
+      const r = await runChild(tsx(fileURLToPath(import.meta.url), '--child-qalora', file, JSON.stringify(ids), String(decode), String(streams), String(batchSteps), mode),
+        { QALORA_THREADS: String(threads) });
+      ours[mode] = { ...lastJson<QaloraSpeeds>(r, `qalora (${mode})`), load };
+    } catch (e) {
+      ours[mode] = { error: (e as Error).message, load };
+    }
   }
   return { threads, cpp, ours };
 }
@@ -117,25 +125,29 @@ const f = (v: number | undefined, d = 1) => (v !== undefined && Number.isFinite(
 const ratio = (a?: number, b?: number) => (a !== undefined && b !== undefined && Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : '-');
 
 function tables(rows: Measured[]): string {
-  const get = (r: Measured) => ({ c: 'error' in r.cpp ? undefined : r.cpp, q: 'error' in r.ours ? undefined : r.ours });
+  const ok = <T extends object>(x: T | undefined): Exclude<T, { error: string }> | undefined =>
+    (x && !('error' in x) ? (x as Exclude<T, { error: string }>) : undefined);
   const speed = [
-    '| threads | llama.cpp prefill | qalora prefill | ratio | llama.cpp decode | qalora decode | ratio | load avg before (llama.cpp / qalora) |',
-    '|---:|---:|---:|---:|---:|---:|---:|---|',
+    `| threads | llama.cpp prefill | qalora prefill | ratio | llama.cpp decode | ${modes.map((m) => `qalora decode (${m}) | ratio`).join(' | ')} | load avg before (llama.cpp / ${modes.join(' / ')}) |`,
+    `|---:|---:|---:|---:|---:|${modes.map(() => '---:|---:|').join('')}---|`,
     ...rows.map((r) => {
-      const { c, q } = get(r);
-      return `| ${r.threads} | ${f(c?.prefill)} | ${f(q?.prefill)} | ${ratio(q?.prefill, c?.prefill)} | ${f(c?.decode)} | ${f(q?.decode)} | ${ratio(q?.decode, c?.decode)} | ${loadLabel(r.cpp.load)} / ${loadLabel(r.ours.load)} |`;
+      const c = ok(r.cpp), first = ok(r.ours[modes[0]]);
+      const dec = modes.map((m) => `${f(ok(r.ours[m])?.decode)} | ${ratio(ok(r.ours[m])?.decode, c?.decode)}`).join(' | ');
+      const loads = modes.map((m) => loadLabel(r.ours[m]?.load ?? [])).join(' / ');
+      return `| ${r.threads} | ${f(c?.prefill)} | ${f(first?.prefill)} | ${ratio(first?.prefill, c?.prefill)} | ${f(c?.decode)} | ${dec} | ${loadLabel(r.cpp.load)} / ${loads} |`;
     }),
   ];
   const batch = [
-    `| threads | qalora 1 stream (tok/s) | ${streams} streams, stepBatch (tok/s, all streams) | ratio |`,
-    '|---:|---:|---:|---:|',
-    ...rows.map((r) => {
-      const { q } = get(r);
-      return `| ${r.threads} | ${f(q?.single)} | ${f(q?.batched)} | ${ratio(q?.batched, q?.single)} |`;
-    }),
+    `| threads | activations | qalora 1 stream (tok/s) | ${streams} streams, stepBatch (tok/s, all streams) | ratio |`,
+    '|---:|---|---:|---:|---:|',
+    ...rows.flatMap((r) => modes.map((m) => {
+      const q = ok(r.ours[m]);
+      return `| ${r.threads} | ${m} | ${f(q?.single)} | ${f(q?.batched)} | ${ratio(q?.batched, q?.single)} |`;
+    })),
   ];
-  const errors = rows.flatMap((r) => [r.cpp, r.ours].filter((x): x is { error: string; load: number[] } => 'error' in x).map((x) => `failed (${r.threads} threads): ${x.error}`));
-  return [speed.join('\n'), streams > 1 ? batch.join('\n') : '', errors.join('\n')].filter(Boolean).join('\n\n');
+  const failures = rows.flatMap((r) => [['llama.cpp', r.cpp] as const, ...modes.map((m) => [`qalora ${m}`, r.ours[m]] as const)]
+    .flatMap(([who, x]) => (x && 'error' in x ? [`${who} failed (${r.threads} threads): ${x.error}`] : [])));
+  return [speed.join('\n'), streams > 1 ? batch.join('\n') : '', failures.join('\n')].filter(Boolean).join('\n\n');
 }
 
 // ---- Main -----------------------------------------------------------------------------------------------------
@@ -155,8 +167,10 @@ for (const s of shapes) {
     log(`${s}: ${t} thread(s) …`);
     rows.push(await measure(file, prompt.ids, t));
   }
-  const cont = rows.map((r) => ('error' in r.ours ? [] : r.ours.tokens.slice(0, 8)));
-  log(`qalora's first greedy tokens per thread count (should agree): ${JSON.stringify(cont)}`);
+  for (const m of modes) {
+    const cont = rows.map((r) => { const q = r.ours[m]; return q && !('error' in q) ? q.tokens.slice(0, 8) : []; });
+    log(`qalora (${m}) first greedy tokens per thread count (should agree): ${JSON.stringify(cont)}`);
+  }
   report[s] = { file, rows };
   if (!o.json) {
     process.stdout.write(`\n## ${s}: ${Object.entries(SHAPES[s]).map(([k, v]) => `${k} ${v}`).join(', ')}\n\n` +

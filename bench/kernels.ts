@@ -2,8 +2,9 @@
 // run. M = 1 (decode) is bandwidth-bound: effective GB/s = bytes of q, α, β read ÷ time, compared with a
 // read-bandwidth probe. M = 512 (training/prefill) is compute-bound: GFLOP/s compared with an fp32 GEMM of the
 // same shape through the same engine (dense W already in fp32: the best the dequantizing GEMM could do).
-// Then GEMV M = 1 with fp32 against fp16 α/β (`scales fp16`: 2 bits per weight fewer at g 32), the two timed
-// in alternating rounds so a busy machine slows both alike; medians reported.
+// Then the GEMV's modes at M = 1 and 4, rank 0: fp32 against fp16 α/β (`scales fp16`: 2 bits per weight fewer at
+// g 32) and fp16 α/β with int8 activations (`--activations int8`), timed in alternating rounds so a busy machine
+// slows all alike; medians reported.
 // Options: QALORA_BENCH_QUICK=1 runs one shape; QALORA_THREADS sets the thread count.
 import type { ResolvedLayer, ResolvedSpec, ScaleDType } from '../dsl/resolved.ts';
 import { poolScale } from '../dsl/resolved.ts';
@@ -113,43 +114,57 @@ async function main() {
       console.log(row);
     }
   }
-  await scalesComparison(k.kernels.cpu!, bandwidth);
+  await gemvModes(k.kernels.cpu!, bandwidth);
   console.log('\nGB/s counts q, α and β once per forward; ratio = fp32 GEMM time ÷ forward time (1.00 = as fast as fp32).');
   console.log('per-core = GFLOP per CPU-second consumed (all threads): comparable across runs even on a busy machine.');
   console.log('backward GFLOP/s counts the dx = dy·Ŵ GEMM only; the adapter products come on top.');
 }
 
-/** GEMV M = 1 with fp32 and fp16 α/β on the same weights, rounds alternating; medians of each. */
-async function scalesComparison(cpu: Record<string, KernelSet>, bandwidth: number) {
-  console.log('\nGEMV M = 1, α/β in fp32 vs fp16 (`scales fp16`), same weights, 15 alternating rounds of 10 calls; medians');
-  console.log('layer                 bits |  fp32 ms    GB/s  %roofline |  fp16 ms    GB/s  %roofline | speed-up  bytes ratio');
+interface GemvMode {
+  label: string;
+  scales: ScaleDType;
+  int8: boolean;
+}
+const GEMV_MODES: GemvMode[] = [
+  { label: 'fp32 α/β', scales: 'fp32', int8: false },
+  { label: 'fp16 α/β', scales: 'fp16', int8: false },
+  { label: 'fp16 + int8 x', scales: 'fp16', int8: true },
+];
+
+/**
+ * The GEMV's modes on the same weights, rounds alternating so a busy machine slows all alike; medians. Rank 0 (a
+ * merged model, a GGUF file): decode's case. M = 1 is one stream; M = 4 four streams batched (time per row).
+ */
+async function gemvModes(cpu: Record<string, KernelSet>, bandwidth: number) {
+  console.log('\nGEMV, rank 0: α/β in fp32 vs fp16 (`scales fp16`) vs fp16 with int8 activations (`--activations int8`);');
+  console.log('same weights, 15 alternating rounds of 10 calls, medians; GB/s = bytes of q, α, β ÷ time per call');
+  console.log(`layer                 bits  M | ${GEMV_MODES.map((g) => `${g.label.padStart(13)} ms    GB/s  %roof`).join(' | ')} | int8 speed-up`);
   for (const line of quick ? lines.slice(0, 1) : lines) {
     const L = line.in / GROUP;
     const w = random(line.out * line.in, 0.1, 1);
-    const x = random(line.in, 1, 4);
-    const y = new Float32Array(line.out);
-    const setup = (scales: ScaleDType) => {
-      const kernels: KernelSet = cpu[`b${line.bits}_g${GROUP}_fp32_mean${scales === 'fp16' ? '_s16' : ''}`];
-      const qweight = new Uint32Array(line.out * wordsPerRow(line.in, line.bits));
-      const alpha = newScales(scales, line.out * L), beta = newScales(scales, line.out * L);
-      kernels.quantize(w, line.out, line.in, qweight, alpha, beta);
-      const args: LayerCallArgs = {
-        qweight, alpha, beta, loraA: random(RANK * L, 0.1, 2), loraB: random(line.out * RANK, 0.1, 3),
-        m: 1, in: line.in, out: line.out, rank: RANK, scale: 16 / RANK, poolScale: poolScale('mean', GROUP, line.in),
-        dropout: 0, training: false, seed: 1,
-      };
-      return { run: () => kernels.forward(args, x, y), bytes: qweight.byteLength + alpha.byteLength + beta.byteLength };
-    };
-    const f32 = setup('fp32'), f16 = setup('fp16');
-    const t32: number[] = [], t16: number[] = [];
-    for (let round = 0; round < 15; round++) {
-      t32.push(time(10, f32.run).wall);
-      t16.push(time(10, f16.run).wall);
+    for (const m of [1, 4]) {
+      const x = random(m * line.in, 1, 4);
+      const y = new Float32Array(m * line.out);
+      const runs = GEMV_MODES.map((mode) => {
+        const kernels: KernelSet = cpu[`b${line.bits}_g${GROUP}_fp32_mean${mode.scales === 'fp16' ? '_s16' : ''}`];
+        const qweight = new Uint32Array(line.out * wordsPerRow(line.in, line.bits));
+        const alpha = newScales(mode.scales, line.out * L), beta = newScales(mode.scales, line.out * L);
+        kernels.quantize(w, line.out, line.in, qweight, alpha, beta);
+        const args: LayerCallArgs = {
+          qweight, alpha, beta, m, in: line.in, out: line.out, rank: 0, scale: 0, poolScale: poolScale('mean', GROUP, line.in),
+          dropout: 0, training: false, seed: 1, int8Activations: mode.int8,
+        };
+        return { run: () => kernels.forward(args, x, y), bytes: qweight.byteLength + alpha.byteLength + beta.byteLength, t: [] as number[] };
+      });
+      for (let round = 0; round < 15; round++) for (const r of runs) r.t.push(time(10, r.run).wall);
+      const med = (t: number[]) => t.sort((a, b) => a - b)[Math.floor(t.length / 2)];
+      const cols = runs.map((r) => {
+        const t = med(r.t);
+        return `${fmt(t * 1e3, 3).padStart(16)}  ${fmt(r.bytes / t / 1e9)}  ${fmt((100 * r.bytes) / t / 1e9 / bandwidth)}%`;
+      });
+      const speedup = med(runs[1].t) / med(runs[2].t);
+      console.log(`${line.name.padEnd(20)} ${String(line.bits).padStart(4)} ${String(m).padStart(2)} | ${cols.join(' | ')} | ${fmt(speedup, 2)}x`);
     }
-    const med = (t: number[]) => t.sort((a, b) => a - b)[Math.floor(t.length / 2)];
-    const a = med(t32), b = med(t16);
-    const cols = (t: number, bytes: number) => `${fmt(t * 1e3, 3)}  ${fmt(bytes / t / 1e9)}  ${fmt((100 * bytes) / t / 1e9 / bandwidth)}%`;
-    console.log(`${line.name.padEnd(20)} ${String(line.bits).padStart(4)} | ${cols(a, f32.bytes)} | ${cols(b, f16.bytes)} | ${fmt(a / b, 2)}x   ${fmt(f32.bytes / f16.bytes, 3)}`);
   }
 }
 

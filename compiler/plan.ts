@@ -35,7 +35,9 @@ export function specHash(spec: ResolvedSpec): string {
 function cpuConfig(k: SpecializationKey): CpuConfig {
   const targetKc = 256;
   const kc = k.group <= targetKc ? Math.floor(targetKc / k.group) * k.group : k.group;
-  return { mc: 64, nc: 256, kc, gemvMaxRows: 4, fastPath: k.group % 32 === 0 };
+  // Up to 16 rows (a server's decode batch) take the GEMV: it reads each weight once for all of them, where the
+  // GEMM would dequantize a panel that few rows cannot amortize.
+  return { mc: 64, nc: 256, kc, gemvMaxRows: 16, fastPath: k.group % 32 === 0 };
 }
 
 /** Dynamic shared memory the tiled GEMM is launched with in one orientation (y: W rows are output features; dx:

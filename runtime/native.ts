@@ -31,6 +31,11 @@ export interface LayerCallArgs<S extends ScaleArray = ScaleArray> {
   dropout: number;
   training: boolean;
   seed: number | bigint;
+  /**
+   * CPU kernels only: the GEMV (m ≤ the spec's GEMV rows, group a multiple of 32) quantizes x to int8 per 32
+   * inputs and uses integer dot products (`--activations int8`); otherwise ignored. Default false: fp32, exact.
+   */
+  int8Activations?: boolean;
 }
 
 /** fp32 activations are Float32Array; fp16/bf16 are Uint16Array of raw bits. */

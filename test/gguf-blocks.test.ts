@@ -109,6 +109,31 @@ describe('GGUF Q4_0 / Q4_1 / Q8_0 files as QA-LoRA bases', () => {
   });
 });
 
+describe('int8 activations (`--activations int8`) on a Q4_0 file', () => {
+  it('decode stays close to the exact mode and switches back bit for bit; other backends refuse it', async () => {
+    const path = await quantizedGguf(GgmlType.Q4_0, 'int8.gguf');
+    const { model } = await openModel({ model: path, inferred: { rank: 0 } });
+    const decode = () => {
+      const s = model.newSession();
+      s.prefill(TOKENS.subarray(0, 4));
+      return Array.from(TOKENS.subarray(4), (t) => s.step(t).slice());
+    };
+    const exact = decode();
+    model.activations = 'int8';
+    const fast = decode();
+    model.activations = 'fp32';
+    const again = decode();
+    for (let i = 0; i < exact.length; i++) {
+      expect(Buffer.from(again[i].buffer).equals(Buffer.from(exact[i].buffer))).toBe(true);
+      const d = maxRelDiff(fast[i], exact[i]);
+      expect(d).toBeGreaterThan(0); // the int8 GEMV ran (q..up have in = 64: whole 32-blocks)
+      expect(d).toBeLessThan(0.1); // ≈ 0.05 at most here: x_q's half step is 1/254 of each block's max|x|
+    }
+    await expect(openModel({ model: path, inferred: { rank: 0 }, backend: 'emu', activations: 'int8' }))
+      .rejects.toThrow(/int8 activations are a mode of the CPU kernels; the 'emu' backend/);
+  });
+});
+
 describe('the round trip: a Q4_0 GGUF → train → merge → GGUF that llama.cpp runs', () => {
   let llama: Llama;
   beforeAll(async () => {

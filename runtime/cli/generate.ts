@@ -5,7 +5,7 @@ import { QaloraError } from '../errors.ts';
 import { generate } from '../model/generate.ts';
 import { openModel } from '../model/open.ts';
 import type { BackendName } from '../model/types.ts';
-import { requantizeOption } from './options.ts';
+import { activationsOption, requantizeOption } from './options.ts';
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 interface GenerateFlags {
@@ -24,6 +24,7 @@ interface GenerateFlags {
   backend: BackendName;
   quantize: 'rtn' | 'gptq';
   requantize?: boolean;
+  activations: 'fp32' | 'int8';
 }
 
 export function number(flag: string, text: string, integer = false): number {
@@ -53,12 +54,13 @@ export function register(program: Command): void {
     .addOption(new Option('--backend <name>', 'kernels for the QA-LoRA layers').choices(['cpu', 'cuda', 'emu']).default('cpu'))
     .addOption(new Option('--quantize <method>', 'how float layers are quantized into the spec').choices(['rtn', 'gptq']).default('rtn'))
     .addOption(requantizeOption())
+    .addOption(activationsOption())
     .action(async (o: GenerateFlags) => {
       if (o.steps !== undefined && o.maxTokens !== undefined) throw new QaloraError('give -n or --max-tokens, not both');
       if (o.quantize === 'gptq') throw new QaloraError('generate quantizes with rtn; make a GPTQ base once with `qalora quantize --method gptq` and pass it as --model');
       const { model, tokenizer, impliedSpec } = await openModel({
         model: o.model, tokenizer: o.tokenizer, spec: o.spec, adapter: o.adapter, backend: o.backend, quantize: o.quantize,
-        requantize: o.requantize, inferred: { rank: 0 },
+        requantize: o.requantize, inferred: { rank: 0 }, activations: o.activations,
       });
       announceImpliedSpec(impliedSpec);
       const out = process.stdout;
@@ -77,7 +79,7 @@ export function register(program: Command): void {
       const rate = (n: number, s: number) => (s > 0 ? (n / s).toFixed(1) : '-');
       process.stderr.write(
         `prefill: ${r.promptTokens} tokens, ${rate(r.promptTokens, r.prefillSeconds)} tok/s; ` +
-          `decode: ${r.newTokens} tokens, ${rate(r.newTokens, r.decodeSeconds)} tok/s (${o.backend}, ${model.spec ? 'quantized' : 'float'})\n`,
+          `decode: ${r.newTokens} tokens, ${rate(r.newTokens, r.decodeSeconds)} tok/s (${o.backend}, ${model.spec ? 'quantized' : 'float'}${o.activations === 'int8' ? ', int8 activations' : ''})\n`,
       );
       reportPeakMemory();
     });

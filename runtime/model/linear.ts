@@ -13,6 +13,8 @@ export interface LinearCall {
   adapter?: Adapter;
   training: boolean;
   seed: number;
+  /** The CPU GEMV's int8 activation mode (inference only; see LayerCallArgs.int8Activations). */
+  int8?: boolean;
 }
 
 export class LinearOp {
@@ -81,6 +83,7 @@ export class LinearOp {
       dropout: s.dropout,
       training: call.training,
       seed: call.seed,
+      int8Activations: call.int8 === true,
     };
   }
 

@@ -7,7 +7,7 @@
 import type { QaloraSettings, ResolvedSpec } from '../../dsl/resolved.ts';
 import type { AdapterSet, BackendName, LlamaConfig, LlamaWeights, LoadedLinear } from './types.ts';
 import { QaloraError } from '../errors.ts';
-import { Runner, type RunnerOptions } from './runner.ts';
+import { Runner, type ActivationMode, type RunnerOptions } from './runner.ts';
 import { KvSession } from './session.ts';
 import { prepareWeights, type CalibrationSource } from './prepare.ts';
 import type { OpProfile } from './profile.ts';
@@ -42,6 +42,8 @@ export interface CreateOptions {
   onProgress?: (done: number, total: number, what: string) => void;
   /** Time every op of training steps into this (`train --profile`). */
   profile?: OpProfile;
+  /** The activations of inference's GEMVs: 'fp32' (exact, default) or 'int8' (CPU only; see ActivationMode). */
+  activations?: ActivationMode;
 }
 
 export interface LossOptions {
@@ -90,10 +92,21 @@ export class LlamaModel {
     this.backend = backend;
   }
 
+  /** The activations of inference's GEMVs (CreateOptions.activations); may be switched between calls. */
+  get activations(): ActivationMode {
+    return this.runner.opts.activations ?? 'fp32';
+  }
+
+  set activations(mode: ActivationMode) {
+    checkActivations(mode, this.backend);
+    this.runner.opts.activations = mode;
+  }
+
   /** Build a model: load the native ops, quantize float layers into the spec, initialise adapters. */
   static async create(weights: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<LlamaModel> {
+    checkActivations(opts.activations ?? 'fp32', opts.backend); // before the (possibly long) preparation
     const prepared = await prepareWeights(weights, opts);
-    const runnerOpts: RunnerOptions = { backend: opts.backend, profile: opts.profile };
+    const runnerOpts: RunnerOptions = { backend: opts.backend, profile: opts.profile, activations: opts.activations };
     const runner = new Runner(prepared.weights, prepared.native, runnerOpts);
     return new LlamaModel(prepared.weights, prepared.adapters, runner, prepared.spec, opts.backend);
   }
@@ -146,5 +159,12 @@ export class LlamaModel {
       if (tokens[i] < 0 || tokens[i] >= v) throw new QaloraError(`tokens[${i}] = ${tokens[i]} is outside the vocabulary [0, ${v})`);
       if (targets && (targets[i] < 0 || targets[i] >= v) && !(mask && mask[i] === 0)) throw new QaloraError(`targets[${i}] = ${targets[i]} is outside the vocabulary [0, ${v})`);
     }
+  }
+}
+
+function checkActivations(mode: ActivationMode, backend: BackendName): void {
+  if (mode !== 'fp32' && mode !== 'int8') throw new QaloraError(`activations must be 'fp32' or 'int8', got '${String(mode)}'`);
+  if (mode === 'int8' && backend !== 'cpu') {
+    throw new QaloraError(`int8 activations are a mode of the CPU kernels; the '${backend}' backend runs fp32 activations`);
   }
 }

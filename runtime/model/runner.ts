@@ -13,8 +13,15 @@ import type { BackendName } from './types.ts';
 import { splitmix32 } from '../random.ts';
 import type { OpProfile } from './profile.ts';
 
+/**
+ * What the GEMVs of inference (decode: a few rows) multiply q with: 'fp32' activations (exact, the default) or
+ * 'int8' (CPU only: x quantized per 32 inputs, integer dot products, as llama.cpp decodes). Training always runs fp32.
+ */
+export type ActivationMode = 'fp32' | 'int8';
+
 export interface RunnerOptions {
   backend: BackendName;
+  activations?: ActivationMode;
   /** Per-op timing (`train --profile`); without it the native ops are called directly. */
   profile?: OpProfile;
 }
@@ -22,7 +29,6 @@ export interface RunnerOptions {
 /** Fills att [rows, dim] from roped q [rows, dim], k/v [rows, kvDim] of a block. */
 export type Attend = (block: number, q: Float32Array, k: Float32Array, v: Float32Array, att: Float32Array, lse: Float32Array) => void;
 
-const NO_ADAPTER: LinearCall = { training: false, seed: 0 };
 
 /** A token table as the linear layer [vocab, dim] the classifier runs. */
 function tableLinear(t: TokenTable, vocab: number, dim: number): Linear {
@@ -93,7 +99,7 @@ export class Runner {
   }
 
   private call(adapters: AdapterSet, l: number, p: ProjectionName, training: boolean, seed: number): LinearCall {
-    return { adapter: adapters[l]?.[p], training, seed: training ? layerSeed(seed, l, p) : 0 };
+    return { adapter: adapters[l]?.[p], training, seed: training ? layerSeed(seed, l, p) : 0, int8: !training && this.opts.activations === 'int8' };
   }
 
   /**
@@ -140,8 +146,8 @@ export class Runner {
   }
 
   /** logits [m, vocab] = xf·classifierᵀ. */
-  classify(xf: Float32Array, m: number, out: Float32Array): void {
-    this.classifier.forward(xf, out, m, NO_ADAPTER);
+  classify(xf: Float32Array, m: number, out: Float32Array, int8 = this.opts.activations === 'int8'): void {
+    this.classifier.forward(xf, out, m, { training: false, seed: 0, int8 });
   }
 
   private trainingAttend(batch: number, seqLen: number): Attend {
@@ -201,13 +207,13 @@ export class Runner {
       const n = Math.min(rows, m - r0);
       const logits = this.scratch.f('logits', n * vocab);
       const xs = xf.subarray(r0 * dim, (r0 + n) * dim), ts = targets.subarray(r0, r0 + n);
-      this.classify(xs, n, logits);
+      this.classify(xs, n, logits, dxf ? false : undefined);
       if (!dxf) {
         total += this.core.cross_entropy_forward(logits, ts, n, vocab);
         continue;
       }
       total += this.core.cross_entropy_backward(logits, ts, n, vocab, 1, logits);
-      this.classifier.backward(xs, logits, dxf.subarray(r0 * dim, (r0 + n) * dim), n, NO_ADAPTER, false);
+      this.classifier.backward(xs, logits, dxf.subarray(r0 * dim, (r0 + n) * dim), n, { training: false, seed: 0 }, false);
     }
     return total;
   }

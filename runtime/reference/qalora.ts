@@ -147,6 +147,59 @@ export function forward(a: RefLayerArgs, x: ArrayLike<number>): Float64Array {
   return y;
 }
 
+/**
+ * The activations of the CPU's int8 GEMV (qalora_common.h act_scale, act_quantize), per row and block of 32
+ * inputs, in fp32 steps: d = max|x| / 127, x_q = clamp(rint(x·(1/d)), ±127), 0 when d = 0.
+ */
+export function quantizeActivations(x: ArrayLike<number>, m: number, inF: number): { q: Int8Array; d: Float32Array } {
+  if (inF % 32 !== 0) throw new Error(`int8 activations need in to be a multiple of 32, got ${inF}`);
+  const f = Math.fround;
+  const q = new Int8Array(m * inF);
+  const d = new Float32Array((m * inF) / 32);
+  for (let b = 0; b < d.length; b++) {
+    let amax = 0;
+    for (let i = 32 * b; i < 32 * b + 32; i++) amax = Math.max(amax, Math.abs(f(x[i])));
+    const scale = f(amax / 127);
+    const inv = scale > 0 ? f(1 / scale) : 0;
+    for (let i = 32 * b; i < 32 * b + 32; i++) q[i] = Math.min(127, Math.max(-127, rintEven(f(f(x[i]) * inv))));
+    d[b] = scale;
+  }
+  return { q, d };
+}
+
+/**
+ * forward with int8 activations (LayerArgs.int8_activations, groups of whole 32-blocks):
+ * y = Σ_k α_k·Σ_{blocks b of k} d_b·Σ_{i∈b} q_i·x_q,i + Σ_k β_k·Σ_{i∈k} x_i + s·(p·Aᵀ)·Bᵀ — only the α term sees x_q.
+ */
+export function forwardInt8(a: RefLayerArgs, x: ArrayLike<number>): Float64Array {
+  const L = checkGroup(a.in, a.group);
+  if (a.group % 32 !== 0) throw new Error(`int8 activations need groups of whole 32-blocks, got ${a.group}`);
+  const wpr = wordsPerRow(a.in, a.bits);
+  const { q: xq, d } = quantizeActivations(x, a.m, a.in);
+  const h = a.rank > 0 ? lowRank(a, pooled(a, x)) : new Float64Array(0);
+  const y = new Float64Array(a.m * a.out);
+  for (let r = 0; r < a.m; r++) {
+    for (let o = 0; o < a.out; o++) {
+      let s = 0;
+      for (let k = 0; k < L; k++) {
+        let dots = 0;
+        let sumX = 0;
+        for (let b = (k * a.group) / 32; b < ((k + 1) * a.group) / 32; b++) {
+          let dot = 0;
+          for (let i = 32 * b; i < 32 * b + 32; i++) dot += unpackQ(a.qweight, o * wpr, i, a.bits) * xq[r * a.in + i];
+          dots += d[(r * a.in) / 32 + b] * dot;
+        }
+        for (let i = k * a.group; i < (k + 1) * a.group; i++) sumX += x[r * a.in + i];
+        s += a.alpha[o * L + k] * dots + a.beta[o * L + k] * sumX;
+      }
+      let lora = 0;
+      for (let j = 0; j < a.rank; j++) lora += h[r * a.rank + j] * a.loraB![o * a.rank + j];
+      y[r * a.out + o] = s + a.scale * lora;
+    }
+  }
+  return y;
+}
+
 export interface RefGradients {
   dx: Float64Array;
   gradA: Float64Array;

@@ -19,6 +19,8 @@ export interface ServeOptions {
   /** name=dir pairs. */
   loras?: string[];
   backend?: BackendName;
+  /** The decode GEMVs' activations (CreateOptions.activations). */
+  activations?: 'fp32' | 'int8';
   chatTemplate?: string;
   modelName?: string;
   apiKey?: string;
@@ -57,7 +59,7 @@ export async function createQaloraServer(o: ServeOptions): Promise<QaloraServer>
       throw adapterError(l, e);
     }
   }
-  const { model, tokenizer, impliedSpec } = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend ?? 'cpu', inferred: { rank: 0 } });
+  const { model, tokenizer, impliedSpec } = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend ?? 'cpu', inferred: { rank: 0 }, activations: o.activations });
   announceImpliedSpec(impliedSpec);
   if (loras.length && !model.spec) throw new QaloraError(needsSpec);
   const adapters = new Map<string, AdapterSet>();

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <string>
@@ -172,6 +173,10 @@ inline LayerArgs layer_args(const Napi::Value& v, const KernelFns& k, const char
   if (!(a.dropout >= 0.f && a.dropout < 1.f)) range_error(env, std::string(fn) + ": args.dropout must be in [0, 1), got " + std::to_string(a.dropout));
   a.training = bool_arg(field("training"), fn, "args.training") ? 1 : 0;
   a.seed = u64_arg(field("seed"), fn, "args.seed");
+  const Napi::Value int8 = field("int8Activations");  // optional: absent is fp32
+  a.int8_activations = int8.IsUndefined() ? 0 : bool_arg(int8, fn, "args.int8Activations") ? 1 : 0;
+  if (a.int8_activations && std::strncmp(fn, "cpu.", 4) != 0)
+    range_error(env, std::string(fn) + ": args.int8Activations is a mode of the CPU kernels only");
   const int64_t groups = checked_groups(env, k, a.in, fn);
   const int64_t words = words_per_row(a.in, k.bits);
   auto per_group = [&] { return product("out*(in/g)", a.out, groups); };

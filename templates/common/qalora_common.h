@@ -31,6 +31,8 @@ struct LayerArgs {
   float dropout;            // probability of dropping, applied only when training != 0
   int32_t training;
   uint64_t seed;            // dropout stream
+  int32_t int8_activations; // CPU GEMV only (m <= the spec's GEMV rows, group % 32 == 0): x quantized per 32
+                            // inputs to int8 (act_scale below) and dotted with q in integers; 0: fp32, exact
 };
 
 // The entry points of one specialization (docs/ARCHITECTURE.md), declared in namespace NS — e.g.
@@ -188,5 +190,12 @@ QL_HD GroupScales<S> group_scales(float mn, float mx, float qmax) {
 QL_HD float quantize_one(float w, float a, float b, float qmax) {
   return fminf(qmax, fmaxf(0.0f, rintf((w - b) / a)));
 }
+
+// ---- int8 activations (LayerArgs.int8_activations) -----------------------------------------------------------
+// Per block of 32 inputs of a row of x: d = max|x| / 127 and x_q = clamp(rint(x · (1/d)), -127, 127) (0 when
+// d == 0), all fp32, the way llama.cpp quantizes activations for its integer dot products (Q8_0/Q8_1). The
+// group sums Σx of the β term stay exact fp32: only α·Σ q·x is approximated, by α·d·Σ q·x_q.
+QL_HD float act_scale(float amax) { return amax / 127.0f; }
+QL_HD int act_quantize(float x, float inv_d) { return (int)fminf(127.0f, fmaxf(-127.0f, rintf(x * inv_d))); }
 
 }  // namespace qalora

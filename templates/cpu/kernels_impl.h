@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -19,6 +20,7 @@
 #include "vec8.h"
 #include "gemm.h"
 #include "pack.h"
+#include "gemv_int8.h"
 #include "layer.h"
 
 /// The ABI entry points of one specialization in this build: qalora::cpu_isa::<isa>::<ID>::{quantize, …}.

@@ -196,16 +196,33 @@ struct QuantLayer {
     if (a.rank > 0) hs = adapter_hidden(a, w.groups, pooled(s, a, xf.p, sums));
     OutF32 yf(s.dtype, y, a.m * a.out);
     if (gemv) {
+      ActQ8 xq;
+      const bool int8 = FAST && a.int8_activations != 0;
+      if (int8) xq = quantize_activations<BITS>(xf.p, a.m, a.in);
+      // Up to kGemvRowsPerPass rows of x per pass over a row of W (8 with int8 activations, whose per-row
+      // registers are fewer), so its q is unpacked once for all of them; the row stays in L1 between passes.
+      const int64_t per_pass = int8 ? 8 : kGemvRowsPerPass;
+      auto pass = [&](auto rows, int64_t o, int64_t m0) {
+        constexpr int RR = decltype(rows)::value;
+        if constexpr (RR <= kGemvRowsPerPass) {
+          if (!int8) return gemv_rows<RR>(a, w, o, m0, xf.p, sums, hs, yf.p);
+        }
+        if constexpr (FAST) gemv_rows_int8<BITS, S, RR>(a, w, o, m0, xq, sums, hs, yf.p);
+      };
       // Chunks of at least ~32k weights·rows, so a small layer does not pay for waking the pool.
       const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, a.in * a.m));
-      cpu_rt::parallel_range(a.out, grain, [&](int64_t ob, int64_t oe) {
+      cpu_rt::parallel_chunks(a.out, grain, [&](int64_t ob, int64_t oe) {
         for (int64_t o = ob; o < oe; o++) {
-          for (int64_t m0 = 0; m0 < a.m; m0 += kGemvRowsPerPass) {
-            switch (std::min<int64_t>(kGemvRowsPerPass, a.m - m0)) {
-              case 1: gemv_rows<1>(a, w, o, m0, xf.p, sums, hs, yf.p); break;
-              case 2: gemv_rows<2>(a, w, o, m0, xf.p, sums, hs, yf.p); break;
-              case 3: gemv_rows<3>(a, w, o, m0, xf.p, sums, hs, yf.p); break;
-              default: gemv_rows<4>(a, w, o, m0, xf.p, sums, hs, yf.p); break;
+          for (int64_t m0 = 0; m0 < a.m; m0 += per_pass) {
+            switch (std::min<int64_t>(per_pass, a.m - m0)) {
+              case 1: pass(std::integral_constant<int, 1>{}, o, m0); break;
+              case 2: pass(std::integral_constant<int, 2>{}, o, m0); break;
+              case 3: pass(std::integral_constant<int, 3>{}, o, m0); break;
+              case 4: pass(std::integral_constant<int, 4>{}, o, m0); break;
+              case 5: pass(std::integral_constant<int, 5>{}, o, m0); break;
+              case 6: pass(std::integral_constant<int, 6>{}, o, m0); break;
+              case 7: pass(std::integral_constant<int, 7>{}, o, m0); break;
+              default: pass(std::integral_constant<int, 8>{}, o, m0); break;
             }
           }
         }
@@ -270,9 +287,7 @@ struct QuantLayer {
       }
     }
     for (int r = 0; r < RR; r++) {
-      const float* sx = sums.data() + (m0 + r) * groups;
-      float offset = 0.f;
-      for (int64_t k = 0; k < groups; k++) offset += scale_f32(beta[k]) * sx[k];
+      const float offset = offset_dot(beta, sums.data() + (m0 + r) * groups, groups);
       float lora = 0.f;
       for (int64_t j = 0; j < a.rank; j++) lora += hs[(m0 + r) * a.rank + j] * a.lora_b[o * a.rank + j];
       y[(m0 + r) * a.out + o] = res[r] + offset + lora;

@@ -23,25 +23,57 @@ struct BlockShifts {
   }
 };
 
-/// q of the 32 inputs of one block, as four vectors of 8 floats in input order. Words are broadcast, shifted
+/// q of the 32 inputs of one block, as four vectors of 8 u32 lanes in input order. Words are broadcast, shifted
 /// per lane and masked (8-bit: bytes zero-extended), so no lane shuffles are needed.
 template <int BITS>
-inline void unpack_block(const uint32_t* blk, f8 q[4]) {
+inline void unpack_block_u32(const uint32_t* blk, u8v v[4]) {
   static constexpr BlockShifts<BITS> lay{};
 #pragma GCC unroll 4
   for (int c = 0; c < 4; c++) {
-    u8v v;
     if constexpr (BITS == 8) {
-      v = u8_bytes(blk + 2 * c);
+      v[c] = u8_bytes(blk + 2 * c);
     } else if constexpr (BITS == 3) {
       const u8v low = u8_and(u8_shr(u8_bcast(blk + c / 2), u8_setr(lay.shift[c])), 3u);
       const u8v word2 = c == 0 ? u8_shl(u8_bcast(blk + 2), 2) : u8_bcast(blk + 2);
-      v = u8_or(low, u8_and(u8_shr(word2, u8_setr(lay.top[c])), 4u));
+      v[c] = u8_or(low, u8_and(u8_shr(word2, u8_setr(lay.top[c])), 4u));
     } else {
-      v = u8_and(u8_shr(u8_bcast(blk + (8 * c) / (32 / BITS)), u8_setr(lay.shift[c])), (1u << BITS) - 1u);
+      v[c] = u8_and(u8_shr(u8_bcast(blk + (8 * c) / (32 / BITS)), u8_setr(lay.shift[c])), (1u << BITS) - 1u);
     }
-    q[c] = u8_to_f8(v);
   }
+}
+
+/// The same as floats: the GEMV and the panel packers.
+template <int BITS>
+inline void unpack_block(const uint32_t* blk, f8 q[4]) {
+  u8v v[4];
+  unpack_block_u32<BITS>(blk, v);
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; c++) q[c] = u8_to_f8(v[c]);
+}
+
+/// q of one block as 32 bytes for the integer dot products: 4 bits straight from the block's 16 bytes (low
+/// nibbles, then high), 8 bits as stored but signed (q − 128, so that |q| fits the unsigned operand), 2 and 3
+/// bits through unpack_block_u32. The bytes are not in input order; block_byte_input says whose each one is.
+template <int BITS>
+inline b32 unpack_block_bytes(const uint32_t* blk) {
+  if constexpr (BITS == 4) {
+    return b32_nibbles(blk);
+  } else if constexpr (BITS == 8) {
+    return b32_flip_sign(b32_load(blk));
+  } else {
+    u8v v[4];
+    unpack_block_u32<BITS>(blk, v);
+    return b32_pack(v);
+  }
+}
+
+/// The input (0..31, within its block) whose q is byte j of unpack_block_bytes<BITS>: activations are quantized
+/// into this order, so that byte j of x_q meets byte j of q.
+template <int BITS>
+constexpr int block_byte_input(int j) {
+  if (BITS == 8) return j;
+  if (BITS == 4) return 8 * ((j % 16) / 4) + 2 * (j % 4) + j / 16;  // byte j%16 = word j/4's inputs 2·(j%4), +1
+  return 8 * ((j % 16) / 4) + 4 * (j / 16) + j % 4;               // packus: v[c] lane 4L + e
 }
 
 /// The quantized weight as the packers and the GEMV see it; S is the storage of α and β (float or fp16 bits),

@@ -113,4 +113,11 @@ void parallel_range(int64_t n, int64_t grain, const std::function<void(int64_t, 
   });
 }
 
+void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
+  if (n <= 0) return;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8 * thread_count(), n / std::max<int64_t>(1, grain)));
+  const int64_t step = (n + chunks - 1) / chunks;
+  parallel_for((n + step - 1) / step, [&](int64_t c) { body(c * step, std::min(n, (c + 1) * step)); });
+}
+
 }  // namespace qalora::cpu_rt

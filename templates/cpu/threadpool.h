@@ -17,4 +17,8 @@ void parallel_for(int64_t tasks, const std::function<void(int64_t task)>& body);
 /// Runs body(begin, end) over [0, n) split into at most one chunk per thread, each at least `grain` long.
 void parallel_range(int64_t n, int64_t grain, const std::function<void(int64_t begin, int64_t end)>& body);
 
+/// The same over up to 8 chunks per thread, taken as threads come free: for bandwidth-bound loops (the GEMV),
+/// where a thread that is descheduled or slower should not hold the others back with a fixed half.
+void parallel_chunks(int64_t n, int64_t grain, const std::function<void(int64_t begin, int64_t end)>& body);
+
 }  // namespace qalora::cpu_rt

@@ -17,6 +17,9 @@ inline f8 f8_set1(float x) { return {_mm256_set1_ps(x)}; }
 inline f8 f8_load(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline void f8_store(float* p, f8 a) { _mm256_storeu_ps(p, a.v); }
 inline f8 f8_add(f8 a, f8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline f8 f8_mul(f8 a, f8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+/// *p in every lane, as one broadcast load.
+inline f8 f8_bcast(const float* p) { return {_mm256_broadcast_ss(p)}; }
 inline f8 f8_fma(f8 a, f8 b, f8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline float f8_sum(f8 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
@@ -40,6 +43,30 @@ inline float scale_f32(uint16_t h) { return _cvtsh_ss(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) {
   _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// 32 bytes for the int8 GEMV: q of one 32-block (unsigned, or signed q − 128 at 8 bits) or its activations x_q.
+struct b32 { __m256i v; };
+inline b32 b32_load(const void* p) { return {_mm256_loadu_si256((const __m256i*)p)}; }
+/// The 16 bytes at p as 32 nibbles: byte j < 16 the low nibble of byte j, byte 16 + j its high nibble.
+inline b32 b32_nibbles(const void* p) {
+  const __m128i v = _mm_loadu_si128((const __m128i*)p);
+  return {_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0f))};
+}
+/// Four u32 vectors of values < 256 as bytes, in packus order: byte 16L + 4c + e is lane 4L + e of v[c].
+inline b32 b32_pack(const u8v v[4]) {
+  return {_mm256_packus_epi16(_mm256_packus_epi32(v[0].v, v[1].v), _mm256_packus_epi32(v[2].v, v[3].v))};
+}
+inline b32 b32_flip_sign(b32 a) { return {_mm256_xor_si256(a.v, _mm256_set1_epi8((char)0x80))}; }
+/// Lane l = Σ of q·x over bytes 4l .. 4l+3, q unsigned ≤ 15 (pair sums stay inside int16), x signed.
+inline f8 dot_u8s8(b32 q, b32 x) {
+  const __m256i pairs = _mm256_maddubs_epi16(q.v, x.v);
+  return {_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
+}
+/// The same for signed q: |q| (128 as an unsigned byte) times x carrying q's sign; |pair| ≤ 2·128·127 < 2^15.
+inline f8 dot_s8s8(b32 q, b32 x) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q.v, q.v), _mm256_sign_epi8(x.v, q.v));
+  return {_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
+}
 #else
 struct f8 { float v[8]; };
 struct u8v { uint32_t v[8]; };
@@ -49,6 +76,8 @@ inline f8 f8_set1(float x) { f8 r; QL_LANES(r.v[l] = x); return r; }
 inline f8 f8_load(const float* p) { f8 r; QL_LANES(r.v[l] = p[l]); return r; }
 inline void f8_store(float* p, f8 a) { QL_LANES(p[l] = a.v[l]); }
 inline f8 f8_add(f8 a, f8 b) { QL_LANES(a.v[l] += b.v[l]); return a; }
+inline f8 f8_mul(f8 a, f8 b) { QL_LANES(a.v[l] *= b.v[l]); return a; }
+inline f8 f8_bcast(const float* p) { return f8_set1(*p); }
 inline f8 f8_fma(f8 a, f8 b, f8 c) { QL_LANES(c.v[l] += a.v[l] * b.v[l]); return c; }
 inline float f8_sum(f8 a) {
   return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7]));
@@ -68,9 +97,47 @@ inline f8 u8_to_f8(u8v a) { f8 r; QL_LANES(r.v[l] = (float)a.v[l]); return r; }
 inline f8 f8_from_f16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = f16_to_f32(p[l])); return r; }
 inline float scale_f32(uint16_t h) { return f16_to_f32(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) { QL_LANES(p[l] = f32_to_f16(a.v[l])); }
+struct b32 { uint8_t v[32]; };
+inline b32 b32_load(const void* p) { b32 r; std::memcpy(r.v, p, 32); return r; }
+inline b32 b32_nibbles(const void* p) {
+  const uint8_t* s = static_cast<const uint8_t*>(p);
+  b32 r;
+  for (int j = 0; j < 16; j++) {
+    r.v[j] = s[j] & 0x0f;
+    r.v[16 + j] = s[j] >> 4;
+  }
+  return r;
+}
+inline b32 b32_pack(const u8v v[4]) {
+  b32 r;
+  for (int j = 0; j < 32; j++) r.v[j] = (uint8_t)v[(j % 16) / 4].v[4 * (j / 16) + j % 4];
+  return r;
+}
+inline b32 b32_flip_sign(b32 a) { QL_LANES(for (int e = 0; e < 4; e++) a.v[4 * l + e] ^= 0x80); return a; }
+inline f8 dot_u8s8(b32 q, b32 x) {
+  f8 r;
+  QL_LANES({
+    int32_t s = 0;
+    for (int e = 4 * l; e < 4 * l + 4; e++) s += (int32_t)q.v[e] * (int8_t)x.v[e];
+    r.v[l] = (float)s;
+  });
+  return r;
+}
+inline f8 dot_s8s8(b32 q, b32 x) {
+  f8 r;
+  QL_LANES({
+    int32_t s = 0;
+    for (int e = 4 * l; e < 4 * l + 4; e++) s += (int32_t)(int8_t)q.v[e] * (int8_t)x.v[e];
+    r.v[l] = (float)s;
+  });
+  return r;
+}
 #undef QL_LANES
 #endif
 inline float scale_f32(float s) { return s; }
+/// Eight stored scales (α or β) as fp32.
+inline f8 f8_scales(const float* p) { return f8_load(p); }
+inline f8 f8_scales(const uint16_t* p) { return f8_from_f16(p); }
 
 // ---- Activation storage: fp16 / bf16 rows to and from fp32 (fp32 rows are used in place) --------------------
 struct Fp16 { using T = uint16_t; };
