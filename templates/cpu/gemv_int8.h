@@ -10,38 +10,38 @@
 namespace qalora::cpu_isa::QL_ISA_NS {
 
 /// Rows of x as int8 per 32-block, bytes in block_byte_input<BITS> order, with each block's scale d and (for
-/// the signed 8-bit q) Σ x_q.
+/// the signed 8-bit q) Σ x_q. Block-major ([block][row]): the rows of a GEMV pass sit side by side, 32 bytes and
+/// 4 bytes apart, so one pointer and constant offsets reach all of them.
 struct ActQ8 {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
-  int64_t in = 0, blocks = 0;
-  const int8_t* block(int64_t m, int64_t b) const { return q.data() + m * in + b * 32; }
-  float scale(int64_t m, int64_t b) const { return d[(size_t)(m * blocks + b)]; }
+  int64_t rows = 0, blocks = 0;
 };
 
 template <int BITS>
 ActQ8 quantize_activations(const float* x, int64_t m, int64_t in) {
   ActQ8 a;
-  a.in = in;
+  a.rows = m;
   a.blocks = in / 32;
   a.q.resize((size_t)(m * in));
   a.d.resize((size_t)(m * a.blocks));
   a.sum.resize((size_t)(m * a.blocks));
   cpu_rt::parallel_range(m * a.blocks, 64, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; t++) {
-      const float* src = x + t * 32;  // in is a multiple of 32: block t of the flat rows
+      const int64_t r = t / a.blocks, blk = t % a.blocks, at = blk * m + r;
+      const float* src = x + r * in + blk * 32;
       float amax = 0.f;
       for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(src[i]));
       const float d = act_scale(amax), inv = d > 0.f ? 1.f / d : 0.f;
       int32_t sum = 0;
       for (int j = 0; j < 32; j++) {
         const int v = act_quantize(src[block_byte_input<BITS>(j)], inv);
-        a.q[(size_t)(t * 32 + j)] = (int8_t)v;
+        a.q[(size_t)(at * 32 + j)] = (int8_t)v;
         sum += v;
       }
-      a.d[(size_t)t] = d;
-      a.sum[(size_t)t] = sum;
+      a.d[(size_t)at] = d;
+      a.sum[(size_t)at] = sum;
     }
   });
   return a;
@@ -58,49 +58,72 @@ inline float offset_dot(const S* beta, const float* sums, int64_t groups) {
   return r;
 }
 
-/// y[m0 .. m0+RR, o] with int8 activations: the block's q unpacked once for all RR rows.
+/// One block of q against RR rows: x points at the first row's 32 bytes, d and xsum at its scale and Σ x_q.
+template <int BITS, int RR>
+__attribute__((always_inline)) inline void int8_block(const uint32_t* qblk, const int8_t* x, const float* d,
+                                                      const int32_t* xsum, float alpha, f8 (&acc)[RR],
+                                                      float (&corr)[RR]) {
+  const b32 q = unpack_block_bytes<BITS>(qblk);
+  const f8 av = f8_set1(alpha);  // shared by the rows; each row's d is a broadcast load
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; r++) {
+    const f8 s = f8_mul(av, f8_bcast(d + r));
+    if constexpr (BITS == 8) {
+      acc[r] = f8_fma(s, dot_s8s8(q, b32_load(x + 32 * r)), acc[r]);
+      corr[r] += alpha * d[r] * (128.f * (float)xsum[r]);  // the part of q·x_q that q − 128 leaves out
+    } else {
+      acc[r] = f8_fma(s, dot_u8s8(q, b32_load(x + 32 * r)), acc[r]);
+    }
+  }
+}
+
+/// y[m0 .. m0+RR, o] with int8 activations: each block's q unpacked once for all RR rows.
 template <int BITS, class S, int RR>
 void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_t m0, const ActQ8& xq,
                     const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
-  // Independent accumulators per row so consecutive blocks' multiply-adds do not wait on each other.
+  // Independent accumulators (P per row) so consecutive blocks' multiply-adds do not wait on each other; the
+  // accumulators are named by constants below so that they stay in registers.
   constexpr int P = RR == 1 ? 4 : RR == 2 ? 2 : 1;
-  const int64_t blocks = xq.blocks, per_group = w.group / 32;
+  const int64_t blocks = xq.blocks, per_group = w.group / 32, m = xq.rows;
   const uint32_t* row = w.row(o);
   const S* alpha = w.alpha + o * w.groups;
-  f8 acc[RR][P];
-  float corr[RR] = {};  // 8 bits: α·d·128·Σx_q, the part of q·x_q the signed q − 128 leaves out
-  for (int r = 0; r < RR; r++)
-    for (int p = 0; p < P; p++) acc[r][p] = f8_zero();
-  int64_t k = -1, left = 0;
-  float ak = 0.f;
-  auto block = [&](int64_t b, int p) {
-    if (left == 0) {
-      ak = scale_f32(alpha[++k]);
+  const int8_t* x = xq.q.data() + m0 * 32;  // block 0 of row m0; block b is m·32 bytes further
+  const float* d = xq.d.data() + m0;
+  const int32_t* xs = xq.sum.data() + m0;
+  f8 acc[P][RR];
+  float corr[RR] = {};
+  for (int p = 0; p < P; p++)
+    for (int r = 0; r < RR; r++) acc[p][r] = f8_zero();
+  auto at = [&](int64_t b, float ab, f8 (&acc_p)[RR]) {
+    int8_block<BITS, RR>(row + b * BITS, x + b * m * 32, d + b * m, xs + b * m, ab, acc_p, corr);
+  };
+  // α of each block in turn (a group may span several), counted without a division
+  int64_t k = 0, left = per_group;
+  auto next_alpha = [&] {
+    const float v = scale_f32(alpha[k]);
+    if (--left == 0) {
+      k++;
       left = per_group;
     }
-    left--;
-    const b32 q = unpack_block_bytes<BITS>(row + b * BITS);
-    const f8 av = f8_set1(ak);  // shared by the rows; each row's d is a broadcast load (no shuffle, no scalar op)
-#pragma GCC unroll 8
-    for (int r = 0; r < RR; r++) {
-      const float* d = &xq.d[(size_t)((m0 + r) * blocks + b)];
-      const b32 x = b32_load(xq.block(m0 + r, b));
-      if constexpr (BITS == 8) {
-        acc[r][p] = f8_fma(f8_mul(av, f8_bcast(d)), dot_s8s8(q, x), acc[r][p]);
-        corr[r] += ak * *d * (128.f * (float)xq.sum[(size_t)((m0 + r) * blocks + b)]);
-      } else {
-        acc[r][p] = f8_fma(f8_mul(av, f8_bcast(d)), dot_u8s8(q, x), acc[r][p]);
-      }
-    }
+    return v;
   };
   int64_t b = 0;
-  for (; b + P <= blocks; b += P)
-#pragma GCC unroll 4
-    for (int p = 0; p < P; p++) block(b + p, p);
-  for (; b < blocks; b++) block(b, 0);
+  float ab[8];
+  for (; b + 8 <= blocks; b += 8) {
+    for (int j = 0; j < 8; j++) ab[j] = next_alpha();
+    for (int j = 0; j < 8; j += P) {
+      at(b + j, ab[j], acc[0]);
+      if constexpr (P > 1) at(b + j + 1, ab[j + 1], acc[1]);
+      if constexpr (P > 2) {
+        at(b + j + 2, ab[j + 2], acc[2]);
+        at(b + j + 3, ab[j + 3], acc[3]);
+      }
+    }
+  }
+  for (; b < blocks; b++) at(b, next_alpha(), acc[0]);
   for (int r = 0; r < RR; r++) {
-    f8 t = acc[r][0];
-    for (int p = 1; p < P; p++) t = f8_add(t, acc[r][p]);
+    f8 t = acc[0][r];
+    for (int p = 1; p < P; p++) t = f8_add(t, acc[p][r]);
     const float offset = offset_dot(w.beta + o * w.groups, sums.data() + (m0 + r) * w.groups, w.groups);
     float lora = 0.f;
     for (int64_t j = 0; j < a.rank; j++) lora += hs[(m0 + r) * a.rank + j] * a.lora_b[o * a.rank + j];
