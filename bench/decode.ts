@@ -4,7 +4,10 @@
 // qalora runs in each --activations mode: fp32 (exact) and int8 (activations quantized per 32 inputs, as llama.cpp).
 //
 //   npx tsx bench/decode.ts [--shapes tinyllama,llama7b] [--threads 1,2] [--activations fp32,int8] [--prompt-tokens 128]
-//                           [--decode 32] [--streams 8] [--batch-steps 16] [--settle 30] [--json]
+//                           [--decode 32] [--streams 8] [--batch-steps 16] [--settle 30] [--rounds 3] [--json]
+//
+// Each thread count is measured --rounds times, llama.cpp and the qalora modes taking turns within a round, and
+// every speed is the median over the rounds: on a shared machine one run of either tool can land on a slow minute.
 //
 // Every measurement runs in a child process of its own, one at a time (bench/sequential.ts): llama.cpp's threads
 // spin at a barrier after every op, so a second job on these 2 cores — even our own other tool — collapses its
@@ -75,6 +78,7 @@ const { values: o } = parseArgs({
     streams: { type: 'string', default: '8' },
     'batch-steps': { type: 'string', default: '16' },
     settle: { type: 'string', default: '30' },
+    rounds: { type: 'string', default: '3' },
     json: { type: 'boolean', default: false },
   },
 });
@@ -117,6 +121,32 @@ async function measure(file: string, ids: number[], threads: number): Promise<Me
     }
   }
   return { threads, cpp, ours };
+}
+
+/** Every speed of the rounds as its median (a failed round is left out; all failed: the last error). */
+function medianOf(rounds: Measured[]): Measured {
+  const med = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+  const ok = <T extends object>(x: T | undefined): Exclude<T, { error: string }> | undefined =>
+    (x && !('error' in x) ? (x as Exclude<T, { error: string }>) : undefined);
+  const last = rounds[rounds.length - 1];
+  const cpps = rounds.map((r) => ok(r.cpp)).filter((c) => c !== undefined);
+  const cpp: Measured['cpp'] = cpps.length
+    ? { prefill: med(cpps.map((c) => c.prefill)), decode: med(cpps.map((c) => c.decode)), load: last.cpp.load }
+    : last.cpp;
+  const ours: Measured['ours'] = {};
+  for (const m of modes) {
+    const qs = rounds.map((r) => ok(r.ours[m])).filter((q) => q !== undefined);
+    if (!qs.length) {
+      ours[m] = last.ours[m];
+      continue;
+    }
+    const pick = (f: (q: (typeof qs)[number]) => number | undefined) => {
+      const v = qs.map(f).filter((x): x is number => x !== undefined);
+      return v.length ? med(v) : undefined;
+    };
+    ours[m] = { ...qs[qs.length - 1], prefill: pick((q) => q.prefill)!, decode: pick((q) => q.decode)!, single: pick((q) => q.single), batched: pick((q) => q.batched) };
+  }
+  return { threads: last.threads, cpp, ours };
 }
 
 // ---- Output ---------------------------------------------------------------------------------------------------
@@ -164,8 +194,12 @@ for (const s of shapes) {
   if (warm.code !== 0) throw childFailed(warm, 'qalora warm-up');
   const rows: Measured[] = [];
   for (const t of threadCounts) {
-    log(`${s}: ${t} thread(s) …`);
-    rows.push(await measure(file, prompt.ids, t));
+    const rounds: Measured[] = [];
+    for (let i = 0; i < Number(o.rounds); i++) {
+      log(`${s}: ${t} thread(s), round ${i + 1} of ${o.rounds} …`);
+      rounds.push(await measure(file, prompt.ids, t));
+    }
+    rows.push(medianOf(rounds));
   }
   for (const m of modes) {
     const cont = rows.map((r) => { const q = r.ours[m]; return q && !('error' in q) ? q.tokens.slice(0, 8) : []; });
@@ -174,7 +208,7 @@ for (const s of shapes) {
   report[s] = { file, rows };
   if (!o.json) {
     process.stdout.write(`\n## ${s}: ${Object.entries(SHAPES[s]).map(([k, v]) => `${k} ${v}`).join(', ')}\n\n` +
-      `${relative(ROOT, file)}; prompt ${prompt.ids.length} tokens, decode ${decode} tokens (tok/s)\n\n${tables(rows)}\n`);
+      `${relative(ROOT, file)}; prompt ${prompt.ids.length} tokens, decode ${decode} tokens (tok/s; medians of ${o.rounds} rounds)\n\n${tables(rows)}\n`);
   }
 }
 if (o.json) process.stdout.write(JSON.stringify(report, null, 2) + '\n');
