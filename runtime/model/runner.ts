@@ -29,7 +29,6 @@ export interface RunnerOptions {
 /** Fills att [rows, dim] from roped q [rows, dim], k/v [rows, kvDim] of a block. */
 export type Attend = (block: number, q: Float32Array, k: Float32Array, v: Float32Array, att: Float32Array, lse: Float32Array) => void;
 
-
 /** A token table as the linear layer [vocab, dim] the classifier runs. */
 function tableLinear(t: TokenTable, vocab: number, dim: number): Linear {
   return t instanceof Float32Array ? { kind: 'float', out: vocab, in: dim, w: t } : t;
