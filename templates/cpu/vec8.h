@@ -135,6 +135,8 @@ inline f8 dot_s8s8(b32 q, b32 x) {
 #undef QL_LANES
 #endif
 inline float scale_f32(float s) { return s; }
+/// A hint to fetch the cache line at p into all cache levels (no fault on any address).
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 /// Eight stored scales (α or β) as fp32.
 inline f8 f8_scales(const float* p) { return f8_load(p); }
 inline f8 f8_scales(const uint16_t* p) { return f8_from_f16(p); }
