@@ -123,11 +123,13 @@ async function measure(file: string, ids: number[], threads: number): Promise<Me
   return { threads, cpp, ours };
 }
 
+/** A measurement that did not fail, or undefined. */
+const ok = <T extends object>(x: T | undefined): Exclude<T, { error: string }> | undefined =>
+  (x && !('error' in x) ? (x as Exclude<T, { error: string }>) : undefined);
+
 /** Every speed of the rounds as its median (a failed round is left out; all failed: the last error). */
 function medianOf(rounds: Measured[]): Measured {
   const med = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
-  const ok = <T extends object>(x: T | undefined): Exclude<T, { error: string }> | undefined =>
-    (x && !('error' in x) ? (x as Exclude<T, { error: string }>) : undefined);
   const last = rounds[rounds.length - 1];
   const cpps = rounds.map((r) => ok(r.cpp)).filter((c) => c !== undefined);
   const cpp: Measured['cpp'] = cpps.length
@@ -155,8 +157,6 @@ const f = (v: number | undefined, d = 1) => (v !== undefined && Number.isFinite(
 const ratio = (a?: number, b?: number) => (a !== undefined && b !== undefined && Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : '-');
 
 function tables(rows: Measured[]): string {
-  const ok = <T extends object>(x: T | undefined): Exclude<T, { error: string }> | undefined =>
-    (x && !('error' in x) ? (x as Exclude<T, { error: string }>) : undefined);
   const speed = [
     `| threads | llama.cpp prefill | qalora prefill | ratio | llama.cpp decode | ${modes.map((m) => `qalora decode (${m}) | ratio`).join(' | ')} | load avg before (llama.cpp / ${modes.join(' / ')}) |`,
     `|---:|---:|---:|---:|---:|${modes.map(() => '---:|---:|').join('')}---|`,

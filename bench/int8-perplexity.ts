@@ -6,14 +6,14 @@
 //
 // Text: the held-out last 5% of data/tinystories/tinystories-2MiB.txt for the TinyStories models (stories5M was
 // trained on the first 95%), and aidreams260K's own golden greedy text for it (its training text is not in
-// ../shared). Projections whose input is not a multiple of the group (down at hidden 172) get the largest
-// group dividing it, as the paper table does; int8 applies only where the group is whole 32-blocks, so those
-// stay exact in both columns.
+// ../shared). Projections whose input is not a multiple of the group (down at hidden 172) get the divisor of
+// their input nearest to it (43), the hint `qalora check` gives; int8 applies only where the group is whole
+// 32-blocks, so those stay exact in both columns.
 import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseSpec } from '../dsl/index.ts';
-import { projectionShape } from '../dsl/defaults.ts';
+import { nearestDivisor, projectionShape } from '../dsl/defaults.ts';
 import { PROJECTIONS, type ResolvedSpec } from '../dsl/resolved.ts';
 import { repoRoot } from '../runtime/assets.ts';
 import type { LlamaModel } from '../runtime/model/llama.ts';
@@ -41,12 +41,6 @@ const fixtures = [
   { name: 'stories5M', model: 'models/stories5M/stories5M.bin', text: heldOut },
 ];
 
-/** The largest divisor of `inF` not above g. */
-function groupFor(inF: number, g: number): number {
-  for (let d = Math.min(g, inF); d > 1; d--) if (inF % d === 0) return d;
-  return 1;
-}
-
 function specFor(name: string, cfg: LlamaConfig): ResolvedSpec {
   const shape = { dim: cfg.dim, hidden: cfg.hidden, heads: cfg.heads, kvHeads: cfg.kvHeads };
   const odd = PROJECTIONS.filter((p) => projectionShape(p, shape).in % group !== 0);
@@ -54,7 +48,7 @@ function specFor(name: string, cfg: LlamaConfig): ResolvedSpec {
   llama { dim ${cfg.dim}  hidden ${cfg.hidden}  layers ${cfg.layers}  heads ${cfg.heads}  kv_heads ${cfg.kvHeads}  vocab ${cfg.vocab}  context ${cfg.context} }
   qalora { bits ${bits}  group ${group}  rank 0  alpha 1  dropout 0  pool mean  dtype fp32 }
   adapters all_linear
-${odd.map((p) => `  override ${p} { group ${groupFor(projectionShape(p, shape).in, group)} }`).join('\n')}
+${odd.map((p) => `  override ${p} { group ${nearestDivisor(projectionShape(p, shape).in, group)} }`).join('\n')}
   target cpu
 }`;
   const r = parseSpec(text, `${name}_int8.qal`);

@@ -71,3 +71,8 @@ export function divisors(n: number): number[] {
   }
   return [...small, ...large];
 }
+
+/** The divisor of n nearest to g (ties: the larger), for "use group N instead" hints. */
+export function nearestDivisor(n: number, g: number): number {
+  return divisors(n).reduce((best, d) => (Math.abs(d - g) < Math.abs(best - g) || (Math.abs(d - g) === Math.abs(best - g) && d > best) ? d : best), 1);
+}

@@ -2,7 +2,7 @@
 // (shape consistency, group divides in_features, rank against in/group). A setting keeps the place it was
 // written, so a bad inherited value is reported once, where it was set, however many layers it breaks.
 import type { Loc } from './diagnostics.ts';
-import { DEFAULT_CUDA_ARCHS, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, DEFAULT_SETTINGS, LLAMA_KEYS, REQUIRED_LLAMA_KEYS, divisors, projectionShape } from './defaults.ts';
+import { DEFAULT_CUDA_ARCHS, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, DEFAULT_SETTINGS, LLAMA_KEYS, REQUIRED_LLAMA_KEYS, divisors, nearestDivisor, projectionShape } from './defaults.ts';
 import { Reporter, listWords, toIdentifier } from './read.ts';
 import { PROJECTIONS, type ModelShape, type Projection, type QaloraSettings, type ResolvedLayer, type ResolvedSpec, type Targets } from './resolved.ts';
 import type { ModelDef, QKey, Scope, Settings, ShapeKey, SpecDef, TargetsAcc } from './validate.ts';
@@ -146,11 +146,6 @@ function resolveTargets(acc: TargetsAcc | undefined): Targets {
 function divisorList(n: number): string {
   const d = divisors(n);
   return d.length <= 24 ? d.join(', ') : `${d.slice(0, 20).join(', ')}, … (${d.length} in all)`;
-}
-
-/** The divisor of n nearest to g (ties: the larger), for "use group N instead" hints. */
-function nearestDivisor(n: number, g: number): number {
-  return divisors(n).reduce((best, d) => (Math.abs(d - g) < Math.abs(best - g) || (Math.abs(d - g) === Math.abs(best - g) && d > best) ? d : best), 1);
 }
 
 const locKey = (l: Loc | undefined) => (l ? `${l.file}:${l.line}:${l.col}` : 'default');

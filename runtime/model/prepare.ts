@@ -250,13 +250,13 @@ export function layerSettings(spec: ResolvedSpec): Map<ProjectionName, ResolvedL
 }
 
 export function settingsOf(s: ResolvedLayer): QuantLinear['settings'] {
-  return { bits: s.bits, group: s.group, rank: s.rank, alpha: s.alpha, dropout: s.dropout, pool: s.pool, dtype: s.dtype, scales: s.scales ?? 'fp32' };
+  return { bits: s.bits, group: s.group, rank: s.rank, alpha: s.alpha, dropout: s.dropout, pool: s.pool, dtype: s.dtype, scales: scalesOf(s) };
 }
 
 export function emptyQuant(out: number, inF: number, s: ResolvedLayer): QuantLinear {
   const words = Math.ceil(inF / 32) * s.bits, groups = inF / s.group;
   return {
     kind: 'quant', out, in: inF, settings: settingsOf(s),
-    qweight: new Uint32Array(out * words), alpha: newScales(s.scales ?? 'fp32', out * groups), beta: newScales(s.scales ?? 'fp32', out * groups),
+    qweight: new Uint32Array(out * words), alpha: newScales(scalesOf(s), out * groups), beta: newScales(scalesOf(s), out * groups),
   };
 }

@@ -29,6 +29,8 @@ export interface RunnerOptions {
 /** Fills att [rows, dim] from roped q [rows, dim], k/v [rows, kvDim] of a block. */
 export type Attend = (block: number, q: Float32Array, k: Float32Array, v: Float32Array, att: Float32Array, lse: Float32Array) => void;
 
+const NO_ADAPTER: LinearCall = { training: false, seed: 0 };
+
 /** A token table as the linear layer [vocab, dim] the classifier runs. */
 function tableLinear(t: TokenTable, vocab: number, dim: number): Linear {
   return t instanceof Float32Array ? { kind: 'float', out: vocab, in: dim, w: t } : t;
@@ -145,8 +147,8 @@ export class Runner {
   }
 
   /** logits [m, vocab] = xf·classifierᵀ. */
-  classify(xf: Float32Array, m: number, out: Float32Array, int8 = this.opts.activations === 'int8'): void {
-    this.classifier.forward(xf, out, m, { training: false, seed: 0, int8 });
+  classify(xf: Float32Array, m: number, out: Float32Array, training = false): void {
+    this.classifier.forward(xf, out, m, training ? NO_ADAPTER : { ...NO_ADAPTER, int8: this.opts.activations === 'int8' });
   }
 
   private trainingAttend(batch: number, seqLen: number): Attend {
@@ -206,13 +208,13 @@ export class Runner {
       const n = Math.min(rows, m - r0);
       const logits = this.scratch.f('logits', n * vocab);
       const xs = xf.subarray(r0 * dim, (r0 + n) * dim), ts = targets.subarray(r0, r0 + n);
-      this.classify(xs, n, logits, dxf ? false : undefined);
+      this.classify(xs, n, logits, dxf !== undefined);
       if (!dxf) {
         total += this.core.cross_entropy_forward(logits, ts, n, vocab);
         continue;
       }
       total += this.core.cross_entropy_backward(logits, ts, n, vocab, 1, logits);
-      this.classifier.backward(xs, logits, dxf.subarray(r0 * dim, (r0 + n) * dim), n, { training: false, seed: 0 }, false);
+      this.classifier.backward(xs, logits, dxf.subarray(r0 * dim, (r0 + n) * dim), n, NO_ADAPTER, false);
     }
     return total;
   }

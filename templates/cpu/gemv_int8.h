@@ -58,6 +58,16 @@ inline float offset_dot(const S* beta, const float* sums, int64_t groups) {
   return r;
 }
 
+/// y[row, o] = dot + β·Σx + the adapter's term: how a row ends in both GEMVs (this one and layer.h's fp32 one).
+template <class S>
+inline void gemv_store(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_t row, float dot,
+                       const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
+  const float offset = offset_dot(w.beta + o * w.groups, sums.data() + row * w.groups, w.groups);
+  float lora = 0.f;
+  for (int64_t j = 0; j < a.rank; j++) lora += hs[row * a.rank + j] * a.lora_b[o * a.rank + j];
+  y[row * a.out + o] = dot + offset + lora;
+}
+
 /// How far ahead of the blocks in hand the GEMV prefetches q (u32 words).
 constexpr int64_t kPrefetchWords = 512;
 
@@ -130,10 +140,7 @@ void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_
   for (int r = 0; r < RR; r++) {
     f8 t = acc[0][r];
     for (int p = 1; p < P; p++) t = f8_add(t, acc[p][r]);
-    const float offset = offset_dot(w.beta + o * w.groups, sums.data() + (m0 + r) * w.groups, w.groups);
-    float lora = 0.f;
-    for (int64_t j = 0; j < a.rank; j++) lora += hs[(m0 + r) * a.rank + j] * a.lora_b[o * a.rank + j];
-    y[(m0 + r) * a.out + o] = f8_sum(t) + corr[r] + offset + lora;
+    gemv_store(a, w, o, m0 + r, f8_sum(t) + corr[r], sums, hs, y);
   }
 }
 

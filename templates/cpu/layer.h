@@ -243,7 +243,6 @@ struct QuantLayer {
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
     const int64_t group = w.group, groups = w.groups;
     const S* alpha = w.alpha + o * groups;  // read once per group; fp16 widened with F16C (scale_f32)
-    const S* beta = w.beta + o * groups;
     const uint32_t* row = w.row(o);
     const float* x[RR];
     for (int r = 0; r < RR; r++) x[r] = xf + (m0 + r) * a.in;
@@ -286,12 +285,7 @@ struct QuantLayer {
         for (int r = 0; r < RR; r++) res[r] += ak * dot[r];
       }
     }
-    for (int r = 0; r < RR; r++) {
-      const float offset = offset_dot(beta, sums.data() + (m0 + r) * groups, groups);
-      float lora = 0.f;
-      for (int64_t j = 0; j < a.rank; j++) lora += hs[(m0 + r) * a.rank + j] * a.lora_b[o * a.rank + j];
-      y[(m0 + r) * a.out + o] = res[r] + offset + lora;
-    }
+    for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], sums, hs, y);
   }
 
   // ---- backward -------------------------------------------------------------------------------------------
