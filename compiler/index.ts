@@ -36,7 +36,7 @@ export function defaultOutDir(spec: ResolvedSpec): string {
 }
 
 export interface CompileOptions extends RenderOptions {
-  /** Skip bindings.ts (ts-morph costs ~0.5 s to load); loadKernels does not need it. */
+  /** Skip bindings.ts; loadKernels does not need it. */
   bindings?: boolean;
 }
 
@@ -70,19 +70,6 @@ function listRel(dir: string, base: string): string[] {
   });
 }
 
-// ts-morph takes ~0.5–1.5 s to load, more than the rest of a compile: the emitted file carries the hash of its
-// inputs, and an unchanged one is reused without loading ts-morph at all.
-async function cachedBindings(path: string, input: BindingsInput): Promise<string> {
-  // The counter list is an input too: the emitted EmuCounters interface comes from it.
-  const key = createHash('sha256').update(canonicalJson({ ...input, emuCounters: EMU_COUNTERS, plan: { ...input.plan, spec: { ...input.plan.spec, file: '' } } })).digest('hex');
-  const stamp = `// bindings-input ${key}\n`;
-  if (existsSync(path)) {
-    const old = readFileSync(path, 'utf8');
-    if (old.startsWith(stamp)) return old;
-  }
-  return stamp + (await emitBindings(input));
-}
-
 export async function compileSpec(spec: ResolvedSpec, outDir: string = defaultOutDir(spec), opts: CompileOptions = {}): Promise<CompileResult> {
   const t0 = performance.now();
   const plan = planSpec(spec);
@@ -99,7 +86,7 @@ export async function compileSpec(spec: ResolvedSpec, outDir: string = defaultOu
   if (opts.bindings !== false) {
     const b0 = performance.now();
     const input = { plan, ops: rendered.ops, backends: rendered.backends, addonFile };
-    files.push({ path: 'bindings.ts', content: await cachedBindings(join(dir, 'bindings.ts'), input) });
+    files.push({ path: 'bindings.ts', content: await emitBindings(input) });
     bindingsMs = performance.now() - b0;
   }
   const t3 = performance.now();

@@ -5,11 +5,11 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 export const ARRAY_TYPES = {
-  'f32[]': { cpp: 'float', ts: 'Float32Array', napi: 'napi_float32_array' },
-  'u16[]': { cpp: 'uint16_t', ts: 'Uint16Array', napi: 'napi_uint16_array' },
-  'u32[]': { cpp: 'uint32_t', ts: 'Uint32Array', napi: 'napi_uint32_array' },
-  'i32[]': { cpp: 'int32_t', ts: 'Int32Array', napi: 'napi_int32_array' },
-  'u8[]': { cpp: 'uint8_t', ts: 'Uint8Array', napi: 'napi_uint8_array' },
+  'f32[]': { cpp: 'float', dtype: 'f32', napi: 'napi_float32_array' },
+  'u16[]': { cpp: 'uint16_t', dtype: 'u16', napi: 'napi_uint16_array' },
+  'u32[]': { cpp: 'uint32_t', dtype: 'u32', napi: 'napi_uint32_array' },
+  'i32[]': { cpp: 'int32_t', dtype: 'i32', napi: 'napi_int32_array' },
+  'u8[]': { cpp: 'uint8_t', dtype: 'u8', napi: 'napi_uint8_array' },
 } as const;
 export const SCALAR_TYPES = {
   i32: { cpp: 'int32_t', ts: 'number' },
@@ -130,8 +130,9 @@ export function cppParam(a: OpArg): string {
   return `${SCALAR_TYPES[a.type].cpp} ${a.name}`;
 }
 
+/** The TypeScript type of an argument (compiler/native-api.ts): an array takes a host array or a device tensor of its dtype. */
 export function tsType(a: OpArg): string {
-  return isArrayType(a.type) ? ARRAY_TYPES[a.type].ts : SCALAR_TYPES[a.type].ts;
+  return isArrayType(a.type) ? `Tensor<'${ARRAY_TYPES[a.type].dtype}'>` : SCALAR_TYPES[a.type].ts;
 }
 
 // Everything the addon template needs to emit one core-op wrapper, prepared here so the template stays C++.
@@ -161,6 +162,8 @@ export function opWrapperContext(op: OpDescriptor) {
         napi: t.napi,
         len: a.len ? `(int64_t)(${a.len.replace(/[A-Za-z_][A-Za-z0-9_]*/g, (id) => `a_${id}`)})` : 'kAnyLength',
         lenWhy: a.len ?? '',
+        // Staging on a GPU backend uploads what the op reads and downloads what it may write (non-const: in-out).
+        access: a.const ? 'In' : 'InOut',
       };
     });
   return {

@@ -100,7 +100,7 @@ const cmakeTarget: TargetRenderer = {
       haveCuda: live('cuda'),
       cudaSources: l.cudaSources,
       cudaArchs: (plan.spec.targets.cuda?.archs ?? []).map((a) => a.replace(/^sm_/, '')),
-      cudaMissing: !hasCuda(plan) ? 'the spec has no cuda target' : withCuda(plan).length === 0 ? 'the spec has no layers' : 'templates/cuda has no .cu sources',
+      cudaMissing: !hasCuda(plan) ? 'the spec has no cuda target' : 'templates/cuda has no .cu sources',
       haveEmu: live('emu'),
       emuSources: live('emu') ? [...l.emuSources, ...l.emuWrappers] : [],
       emuWrappers: l.emuWrappers,
@@ -183,7 +183,8 @@ function sourceLayout(plan: KernelPlan, files: RenderedFile[], ops: OpDescriptor
   const cudaSources = hasCuda(plan) ? under('cuda', '.cu') : [];
   const emuHeader = files.some((f) => f.path === 'src/emu/cuda_emu.h') ? 'emu/cuda_emu.h' : null;
   const haveCpu = cpuSources.length > 0 && withCpu(plan).length > 0;
-  const haveCuda = cudaSources.length > 0 && withCuda(plan).length > 0;
+  // A GPU backend without layers still has the core ops and the device memory (a float model on the GPU).
+  const haveCuda = cudaSources.length > 0;
   const haveEmu = haveCuda && emuHeader !== null;
   // The emulator compiles each .cu as C++: a one-line wrapper per kernels file, built with -include cuda_emu.h.
   const emuWrappers = haveEmu ? cudaSources.map((f) => `addon/emu_${f.slice('cuda/'.length).replace(/[/.]/g, '_')}.cpp`) : [];

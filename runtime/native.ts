@@ -1,77 +1,20 @@
 // The one door from TypeScript to native code: plan → render → build (cached by content hash, locked against
-// parallel builders) → load. Callers get the addon typed by the same interfaces the compiler emits into
-// generated/<spec>/bindings.ts; a spec-specific caller may import that file for exact specialization ids.
+// parallel builders) → load. The addon is typed by runtime/native-api.ts, which the compiler emits from the same
+// descriptors as the addon's wrappers; a spec-specific caller may import generated/<spec>/bindings.ts instead for
+// exact specialization ids.
 import { constants } from 'node:os';
 import { join } from 'node:path';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
+import { DEFAULT_CUDA_ARCHS } from '../dsl/defaults.ts';
 import type { BuildOptions } from '../compiler/build.ts';
-import type { EmuCounters } from '../compiler/emu-counters.ts';
 import { compileAndBuild, defaultOutDir, generatedRoot } from '../compiler/index.ts';
 import type { KernelPlan } from '../compiler/ir.ts';
 import type { Manifest } from '../compiler/manifest.ts';
 import type { RenderOptions } from '../compiler/render.ts';
-import type { BackendName, ScaleArray } from './model/types.ts';
+import type { BackendName } from './model/types.ts';
+import type { Addon, KernelSet } from './native-api.ts';
 
-/**
- * One layer call; the addon checks every array against these sizes. loraA/loraB are needed when rank > 0.
- * alpha and beta are in the specialization's scale storage (KernelSet.scales): the addon refuses the other one.
- */
-export interface LayerCallArgs<S extends ScaleArray = ScaleArray> {
-  qweight: Uint32Array;
-  alpha: S;
-  beta: S;
-  loraA?: Float32Array;
-  loraB?: Float32Array;
-  m: number;
-  in: number;
-  out: number;
-  rank: number;
-  scale: number;
-  poolScale: number;
-  dropout: number;
-  training: boolean;
-  seed: number | bigint;
-  /**
-   * CPU kernels only: the GEMV (m ≤ the spec's GEMV rows, group a multiple of 32) quantizes x to int8 per 32
-   * inputs and uses integer dot products (`--activations int8`); otherwise ignored. Default false: fp32, exact.
-   */
-  int8Activations?: boolean;
-}
-
-/** fp32 activations are Float32Array; fp16/bf16 are Uint16Array of raw bits. */
-export type Activation = Float32Array | Uint16Array;
-
-export interface KernelSet<A extends Activation = Activation, S extends ScaleArray = ScaleArray> {
-  readonly bits: number;
-  readonly group: number;
-  /** Storage of α and β: 'fp32' takes Float32Array, 'fp16' Uint16Array of fp16 bits. */
-  readonly scales: 'fp32' | 'fp16';
-  quantize(w: Float32Array, out: number, inFeatures: number, qweight: Uint32Array, alpha: S, beta: S): void;
-  dequantize(qweight: Uint32Array, alpha: S, beta: S, out: number, inFeatures: number, w: Float32Array): void;
-  forward(args: LayerCallArgs<S>, x: A, y: A): void;
-  backward(args: LayerCallArgs<S>, x: A, dy: A, dx: A, gradA: Float32Array, gradB: Float32Array): void;
-  merge(args: LayerCallArgs<S>, betaOut: S): void;
-}
-
-/** Core ops as declared in templates/{core,cpu}/*.ops.json; exact signatures are in generated/<spec>/bindings.ts. */
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
-export type CoreOps = Record<string, (...args: any[]) => any>;
-
-export interface Addon {
-  kernels: Partial<Record<BackendName, Record<string, KernelSet>>>;
-  core: CoreOps;
-  /** The core ops a GPU backend also implements ("cuda": true descriptors), present only for compiled backends. */
-  coreOn?: Partial<Record<BackendName, CoreOps>>;
-  backends(): BackendName[];
-  /** "ok: <device>, sm_XY" or "unavailable: <reason>"; never throws. */
-  cudaStatus(): string;
-  /** The emulator's transfer, allocation, synchronization and launch counters; present when emu is compiled. */
-  emuCounters?: () => EmuCounters;
-  emuResetCounters?: () => void;
-  specName: string;
-  specHash: string;
-  compilerVersion: string;
-}
+export type { Addon, CoreOps, DeviceApi, DeviceTensor, DType, EmuCounters, HostArgs, KernelSet, LayerCallArgs, PoolStats, Tensor } from './native-api.ts';
 
 export interface NativeKernels extends Addon {
   plan: KernelPlan;
@@ -131,8 +74,12 @@ export async function loadKernels(spec: ResolvedSpec, opts: LoadOptions = {}): P
   };
 }
 
-/** The spec-less addon: core ops (matmul, norms, attention, …) for float models, no QA-LoRA kernels. */
-export async function loadCore(opts: Omit<LoadOptions, 'outDir'> = {}): Promise<Addon> {
-  const spec: ResolvedSpec = { name: '_core', file: '<core>', layers: [], targets: { cpu: true, cuda: null } };
-  return loadKernels(spec, { ...opts, outDir: join(generatedRoot, '_core') });
+/**
+ * The spec-less addon: core ops (matmul, norms, attention, …) for float models, no QA-LoRA kernels. With `gpu`,
+ * also the cuda and emu backends' core ops and device memory (a float model run on a GPU backend).
+ */
+export async function loadCore(opts: Omit<LoadOptions, 'outDir'> & { gpu?: boolean } = {}): Promise<Addon> {
+  const name = opts.gpu ? '_core_gpu' : '_core';
+  const spec: ResolvedSpec = { name, file: '<core>', layers: [], targets: { cpu: true, cuda: opts.gpu ? { archs: [...DEFAULT_CUDA_ARCHS] } : null } };
+  return loadKernels(spec, { ...opts, outDir: join(generatedRoot, name) });
 }

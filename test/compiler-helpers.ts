@@ -76,6 +76,24 @@ std::string status() {
   return std::string("ok: ") + p.name + ", sm_" + std::to_string(p.major) + std::to_string(p.minor);
 }
 }  // namespace qalora::cuda
+// A GPU backend's memory table (templates/common/device_memory.h), the plainest that works.
+#include "device_memory.h"
+namespace qalora::cuda::memory {
+namespace {
+void* alloc(size_t n) { void* p = nullptr; if (n) cudaMalloc(&p, n); return p; }
+void release(void* p, size_t) { cudaFree(p); }
+void upload(void* d, const void* s, size_t n) { cudaMemcpy(d, s, n, cudaMemcpyHostToDevice); }
+void download(void* d, const void* s, size_t n) { cudaMemcpy(d, s, n, cudaMemcpyDeviceToHost); }
+void copy(void* d, const void* s, size_t n) { cudaMemcpy(d, s, n, cudaMemcpyDeviceToDevice); }
+void sync() { cudaDeviceSynchronize(); }
+void trim() {}
+PoolStats stats() { return {}; }
+}  // namespace
+const DeviceMemory& table() {
+  static const DeviceMemory t{"cuda", alloc, release, upload, download, copy, sync, trim, stats};
+  return t;
+}
+}  // namespace qalora::cuda::memory
 {% for s in specializations %}
 namespace qalora::cuda::{{ s.id }} {
 __global__ void touch(float* a) { a[threadIdx.x] += 1.f; }

@@ -51,11 +51,23 @@ function both<T extends readonly unknown[]>(make: () => T, call: (ops: CoreOps, 
 }
 
 describe('GPU core ops on the emulator match the CPU core ops', () => {
-  it('exposes every op but the fp16/bf16 casts on the emu backend', () => {
+  it('exposes every op on the emu backend, the fp16/bf16 casts included', () => {
     const declared = (JSON.parse(readFileSync(new URL('../templates/core/core.ops.json', import.meta.url), 'utf8')) as Array<{ name: string }>).map((d) => d.name);
-    expect(gpuOps.sort()).toEqual(declared.filter((n) => !/^(f32_to_|f16_to|bf16_to)/.test(n)).sort());
+    expect(gpuOps.sort()).toEqual(declared.sort());
     expect(emu.gemm).not.toBe(cpu.gemm);
-    expect(emu.f32_to_f16).toBe(cpu.f32_to_f16); // no GPU twin: the CPU op
+    expect(emu.f32_to_f16).not.toBe(cpu.f32_to_f16);
+  });
+
+  it('fp16/bf16 casts: bit for bit the CPU\'s, rounding ties, subnormals, overflow, infinities and NaN', () => {
+    const specials = [0, -0, 1, -1, 65504, 65520, 1e6, -1e6, 6e-8, 3e-8, 1e-40, Infinity, -Infinity, NaN, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 1 + 3 * 2 ** -8];
+    const x = Float32Array.from([...specials, ...rand(1000, 77, 300)]);
+    for (const [to, from] of [['f32_to_f16', 'f16_to_f32'], ['f32_to_bf16', 'bf16_to_f32']] as const) {
+      const [e, c] = both(() => [x.slice(), new Uint16Array(x.length)] as const, (ops, [a, h]) => ops[to](a, h, a.length));
+      expect(Array.from(e[1]), to).toEqual(Array.from(c[1]));
+      const bits = Uint16Array.from({ length: 65536 }, (_, i) => i);
+      const [e2, c2] = both(() => [bits.slice(), new Float32Array(bits.length)] as const, (ops, [h, y]) => ops[from](h, y, h.length));
+      expect(new Uint32Array(e2[1].buffer), from).toEqual(new Uint32Array(c2[1].buffer));
+    }
   });
 
   it('gemm: all transposes, accumulate, partial tiles', () => {

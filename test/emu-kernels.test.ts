@@ -10,7 +10,7 @@
 // within the rounding's own bound (half an ulp of the type on every product: storeEps · Σ|x·Ŵ|).
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { KernelPlan } from '../compiler/ir.ts';
-import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
+import { loadKernels, type HostArgs, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
 import { decodeAct, encodeAct } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
 import { newScales, scaleValues } from '../runtime/model/scales.ts';
@@ -36,7 +36,7 @@ beforeAll(async () => {
 const abs = (a: ArrayLike<number>) => Float64Array.from(a, Math.abs);
 const caseName = (c: GridCase, extra = '') => `${c.id} in=${c.in} out=${c.out} m=${c.m} rank=${c.rank}${extra}`;
 
-function forward(c: GridCase, k: KernelSet, args: LayerCallArgs, x: ActData) {
+function forward(c: GridCase, k: KernelSet, args: HostArgs<LayerCallArgs>, x: ActData) {
   const y = emptyAct(c, args.m * c.out);
   k.forward(args, x.stored, y);
   return decodeAct(y, c.dtype);

@@ -7,7 +7,10 @@
 import type { ActDType, Bits, Pool, ResolvedLayer, ResolvedSpec, ScaleDType, Targets } from '../dsl/resolved.ts';
 import { scaleValues } from '../runtime/model/scales.ts';
 import { poolScale } from '../dsl/resolved.ts';
-import type { Activation, LayerCallArgs } from '../runtime/native.ts';
+import type { HostArgs, LayerCallArgs } from '../runtime/native.ts';
+
+/** fp32 activations are Float32Array; fp16/bf16 are Uint16Array of raw bits. */
+export type Activation = Float32Array | Uint16Array;
 import { decodeAct, encodeAct } from '../runtime/reference/numeric.ts';
 import { quantize, type RefLayerArgs } from '../runtime/reference/qalora.ts';
 import { uniformStream } from '../runtime/random.ts';
@@ -141,7 +144,7 @@ export function emptyAct(c: GridCase, n: number): Activation {
 }
 
 export interface LayerData {
-  native: LayerCallArgs;
+  native: HostArgs<LayerCallArgs>;
   ref: RefLayerArgs;
   w: Float32Array;
 }
@@ -158,7 +161,7 @@ export function layerData(c: GridCase, seed: number, opts: { training?: boolean;
   const { qweight, alpha, beta } = quantize(w, c.out, c.in, c.bits, c.group, c.scales);
   const loraA = randomF32(rank * L, rnd, 0.5);
   const loraB = randomF32(c.out * rank, rnd, 0.5);
-  const native: LayerCallArgs = {
+  const native: HostArgs<LayerCallArgs> = {
     qweight, alpha, beta, loraA, loraB,
     m: c.m, in: c.in, out: c.out, rank,
     scale: rank > 0 ? c.alpha / rank : 0,

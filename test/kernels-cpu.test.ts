@@ -3,7 +3,7 @@
 // native backward against finite differences of the native forward; merge exactness; dropout consistency;
 // the portable (non-AVX2) build on a subset.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
+import { loadKernels, type HostArgs, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
 import { decodeAct } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
 import { newScales, scaleValues } from '../runtime/model/scales.ts';
@@ -24,7 +24,7 @@ beforeAll(async () => {
 const abs = (a: ArrayLike<number>) => Float64Array.from(a, Math.abs);
 const caseName = (c: GridCase, extra = '') => `${c.id} in=${c.in} out=${c.out} m=${c.m} rank=${c.rank}${extra}`;
 
-function runForward(c: GridCase, k: KernelSet, args: LayerCallArgs, x: ActData) {
+function runForward(c: GridCase, k: KernelSet, args: HostArgs<LayerCallArgs>, x: ActData) {
   const y = emptyAct(c, args.m * c.out);
   k.forward(args, x.stored, y);
   return decodeAct(y, c.dtype);

@@ -55,23 +55,75 @@ describe('an addon with the cpu, emu and cuda backends of the real kernels', () 
     for (let i = 0; i < yCpu.length; i++) expect(Math.abs(yEmu[i] - yCpu[i])).toBeLessThan(1e-4 * (1 + Math.abs(yCpu[i])));
   });
 
-  it('the emulator counts the exact traffic of a forward call', () => {
+  it('the emulator counts the exact traffic of a staged forward call, and the pool makes no allocation once warm', () => {
     const a = args();
     const x = randomF32(m * inF, rnd);
     const y = new Float32Array(m * out);
+    k.layer('proj', 'emu').forward(a, x, y); // warms the pool with this call's sizes
     k.emuResetCounters!();
     k.layer('proj', 'emu').forward(a, x, y);
-    // templates/cuda/host.cuh stages every call: q, α, β, A, B and x up (one blocking cudaMemcpy each), y down,
-    // device buffers for those plus pooled x [m, in/g] and h [m, rank]; one cudaDeviceSynchronize; the pooling
-    // kernel and one GEMV launch (m = 5 fits one register block of rows).
+    // Host arrays are staged by the addon (templates/addon/device_tensor.h): q, α, β, A, B and x go up queued
+    // (cudaMemcpyAsync, no wait), y comes down once (the call's one wait). Staging buffers and the kernels'
+    // temporaries (pooled x, h) come from the pool, which the first call filled: no cudaMalloc, no cudaFree.
     const up = [a.qweight, a.alpha, a.beta, a.loraA, a.loraB, x].reduce((n, t) => n + t.byteLength, 0);
-    const scratch = 4 * (m * (inF / 32) + m * rank);
     expect(up).toBe(3972);
     expect(k.emuCounters!()).toEqual({
       h2dCalls: 6, h2dBytes: up, d2hCalls: 1, d2hBytes: y.byteLength, d2dCalls: 0, d2dBytes: 0,
-      allocs: 9, allocBytes: up + y.byteLength + scratch, frees: 9, syncs: 6 + 1 + 1, launches: 2,
+      allocs: 0, allocBytes: 0, frees: 0, syncs: 1, launches: 2,
     });
     k.emuResetCounters!();
     expect(k.emuCounters!().h2dBytes).toBe(0);
+  });
+
+  it('device tensors are used in place: a resident forward moves no bytes and waits for nothing', () => {
+    const dev = k.device.emu!;
+    const a = args();
+    const x = randomF32(m * inF, rnd);
+    const staged = new Float32Array(m * out);
+    k.layer('proj', 'emu').forward(a, x, staged);
+    const put = (t: Float32Array) => {
+      const d = dev.alloc('f32', t.length);
+      d.upload(t);
+      return d;
+    };
+    const q = dev.alloc('u32', a.qweight.length);
+    q.upload(a.qweight);
+    const resident = { ...a, qweight: q, alpha: put(a.alpha), beta: put(a.beta), loraA: put(a.loraA), loraB: put(a.loraB) };
+    const dx = put(x), dy = dev.alloc('f32', m * out);
+    k.emuResetCounters!();
+    k.layer('proj', 'emu').forward(resident, dx, dy);
+    const c = k.emuCounters!();
+    expect([c.h2dBytes, c.d2hBytes, c.syncs, c.allocs, c.launches]).toEqual([0, 0, 0, 0, 2]);
+    expect(Array.from(dy.download(new Float32Array(m * out)))).toEqual(Array.from(staged));
+    expect(k.emuCounters!().syncs).toBe(1);
+    // A view reads the rows it names.
+    expect(Array.from(dy.view(out, out).download(new Float32Array(out)))).toEqual(Array.from(staged.subarray(out, 2 * out)));
+  });
+
+  it('device tensors are refused, by name, where they do not belong', () => {
+    const dev = k.device.emu!;
+    const a = args();
+    const x = dev.alloc('f32', m * inF), y = new Float32Array(m * out);
+    expect(() => k.layer('proj', 'cpu').forward(a, x as never, y)).toThrow(/cpu\.b4_g32_fp32_mean\.forward: argument 'x' is a DeviceTensor\(emu, f32, length 480\), but the cpu kernels take host arrays/);
+    expect(() => k.layer('proj', 'emu').forward(a, dev.alloc('f32', 7) as never, y)).toThrow(/argument 'x' must be f32 of length 480 \(m\*in = 5\*96\), got a DeviceTensor\(emu, f32, length 7\)/);
+    expect(() => k.layer('proj', 'emu').forward({ ...a, qweight: dev.alloc('f32', a.qweight.length) } as never, x as never, y)).toThrow(/args\.qweight' must be u32/);
+    const gone = dev.alloc('f32', m * inF);
+    gone.release();
+    expect(() => k.layer('proj', 'emu').forward(a, gone as never, y)).toThrow(/released DeviceTensor/);
+    expect(() => x.view(400, 100)).toThrow(/\[400, 500\) is outside the tensor's 480 elements/);
+    expect(() => x.upload(new Float32Array(481))).toThrow(/do not fit/);
+    expect(() => x.upload(new Int32Array(4) as never)).toThrow(/typed array of f32/);
+  });
+
+  it('the pool serves repeated sizes from its free lists and gives them back on trim', () => {
+    const dev = k.device.emu!;
+    dev.trim();
+    k.emuResetCounters!();
+    for (let i = 0; i < 5; i++) dev.alloc('f32', 1000).release();
+    expect(k.emuCounters!().allocs).toBe(1);
+    expect(dev.stats().cachedBytes).toBeGreaterThanOrEqual(4000);
+    dev.trim();
+    expect(k.emuCounters!().frees).toBe(1);
+    expect(dev.stats().cachedBytes).toBe(0);
   });
 });

@@ -4,7 +4,9 @@
 // Usage: tsx bench/gpu-check/grid.ts --backends cuda,emu [--arch sm_90] [--tiny] [--jobs N] [--json FILE]
 // Prints one `GRID …` line per (case, backend, op) and a `GRID-SUMMARY …` line; exits 1 on any failure.
 import { writeFileSync } from 'node:fs';
-import { loadKernels, type Activation, type KernelSet } from '../../runtime/native.ts';
+import { loadKernels, type KernelSet } from '../../runtime/native.ts';
+
+type Activation = Float32Array | Uint16Array;
 import { kernelGrid, gridId, type GridCase } from '../../test/kernel-grid.ts';
 import * as ref from '../../runtime/reference/qalora.ts';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from '../../runtime/reference/numeric.ts';

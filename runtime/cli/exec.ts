@@ -11,7 +11,7 @@ import { formatTable } from '../../compiler/table.ts';
 import { poolScale, type ActDType, type Bits, type Pool, type ResolvedSpec } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
 import type { BackendName } from '../model/types.ts';
-import { loadKernels, type KernelSet, type LayerCallArgs } from '../native.ts';
+import { loadKernels, type KernelSet, type HostArgs, type LayerCallArgs } from '../native.ts';
 import { readSafetensors, tensorOf, writeSafetensors, type SafeDType, type SafeTensor } from '../safetensors.ts';
 
 export const OPS = ['quantize', 'forward', 'backward', 'merge'] as const;
@@ -116,7 +116,7 @@ export function runOp(req: ExecRequest): Record<string, SafeTensor> {
     if (m < 1) fail(`${file}: tensor 'x' has no rows`);
     x = actArray(xT);
   }
-  const args: LayerCallArgs = {
+  const args: HostArgs<LayerCallArgs> = {
     qweight: u32(qweightT),
     alpha: f32(alphaT),
     beta: f32(betaT),

@@ -12,7 +12,7 @@ import { settingsOf } from './prepare.ts';
 import { Runner } from './runner.ts';
 import type { LlamaWeights, ProjectionName } from './types.ts';
 
-/** Each stage's projections and the scratch buffer (written by Runner.forwardBlock) holding their input. */
+/** Each stage's projections and the block buffer (written by Runner.forwardBlock) holding their input. */
 const STAGES: Array<{ projections: ProjectionName[]; input: 'xn' | 'att' | 'xn2' | 'h'; width: 'dim' | 'hidden' }> = [
   { projections: ['q', 'k', 'v'], input: 'xn', width: 'dim' },
   { projections: ['o'], input: 'att', width: 'dim' },
@@ -36,7 +36,8 @@ export async function quantizeGptq(weights: LlamaWeights, layers: Map<Projection
   // Each sequence's residual stream entering the current block.
   const streams = seqs.map((s) => {
     const x = new Float32Array(s.length * c.dim);
-    new Runner(current, native, { backend: native.backend }).embed(s, x);
+    const ids = Int32Array.from(s);
+    hostRunner(current, native).embed(ids, ids, x);
     return x;
   });
   const positions = seqs.map((s) => Int32Array.from(s, (_, t) => t));
@@ -50,10 +51,10 @@ export async function quantizeGptq(weights: LlamaWeights, layers: Map<Projection
       if (todo.length === 0) continue;
       const width = stage.width === 'dim' ? c.dim : c.hidden;
       const acc = new HessianAccumulator(gptq, width);
-      const runner = new Runner(current, native, { backend: native.backend });
+      const runner = hostRunner(current, native);
       streams.forEach((x, i) => {
         runBlock(runner, l, i, x.slice());
-        acc.add(runner.scratch.f(stage.input, seqs[i].length * width));
+        acc.add(runner.block.rows(seqs[i].length)[stage.input] as Float32Array);
       });
       const blocks = current.blocks.slice();
       const proj = { ...blocks[l].proj };
@@ -66,8 +67,13 @@ export async function quantizeGptq(weights: LlamaWeights, layers: Map<Projection
       blocks[l] = { ...blocks[l], proj };
       current = { ...current, blocks };
     }
-    const runner = new Runner(current, native, { backend: native.backend });
+    const runner = hostRunner(current, native);
     streams.forEach((x, i) => runBlock(runner, l, i, x));
   }
   return current;
+}
+
+/** A runner whose tensors are host arrays on any backend: the Hessians are accumulated on the host. */
+function hostRunner(weights: LlamaWeights, native: NativeOps): Runner {
+  return new Runner(weights, native, { backend: native.backend, resident: false });
 }

@@ -1,80 +1,105 @@
 // One linear layer of the model, float or QA-LoRA: forward y = x·Wᵀ (+ adapter) and backward (dx, and dA/dB
 // for a quant layer with an adapter). Float layers run the core GEMM; quant layers their specialization's
-// kernels, with fp16/bf16 activations converted at the boundary (the model keeps fp32 between layers).
+// kernels, with fp16/bf16 activations cast at the boundary on the backend (the model keeps fp32 between layers).
+// The weights are the backend's (Memory.resident): on a GPU they were uploaded once, when the op was built.
 import { poolScale } from '../../dsl/resolved.ts';
-import type { Adapter, Linear } from './types.ts';
+import type { Linear } from './types.ts';
 import { specializationId, type KernelLayerArgs, type NativeOps, type SpecKernels } from './native-ops.ts';
-import type { Scratch } from './scratch.ts';
+import { Grown, type F32, type Memory, type U16, type U32 } from './memory.ts';
 import { QaloraError } from '../errors.ts';
 
-const NO_GRAD = new Float32Array(0);
+/** An adapter as the kernels take it: A [rank, in/g] and B [out, rank] in the backend's memory. */
+export interface AdapterTensors {
+  rank: number;
+  alpha: number;
+  a: F32;
+  b: F32;
+}
 
 export interface LinearCall {
-  adapter?: Adapter;
+  adapter?: AdapterTensors;
   training: boolean;
   seed: number;
   /** The CPU GEMV's int8 activation mode (inference only; see LayerCallArgs.int8Activations). */
   int8?: boolean;
 }
 
+type Resident = { kind: 'float'; w: F32 } | { kind: 'quant'; qweight: U32; alpha: F32 | U16; beta: F32 | U16 };
+
+/** Work buffers every linear op of a model shares (one op runs at a time): casts, the accumulate target, no-grad. */
+export interface LinearWork {
+  xh: Grown<U16>;
+  yh: Grown<U16>;
+  dyh: Grown<U16>;
+  dxh: Grown<U16>;
+  dxSum: Grown<F32>;
+  noGrad: F32;
+}
+
 export class LinearOp {
   private readonly kernels?: SpecKernels;
+  private readonly resident: Resident;
 
-  constructor(readonly lin: Linear, private readonly native: NativeOps, private readonly scratch: Scratch, readonly name: string) {
+  static work(mem: Memory): LinearWork {
+    const u16 = () => new Grown<U16>(mem, (n) => mem.u16(n));
+    return { xh: u16(), yh: u16(), dyh: u16(), dxh: u16(), dxSum: new Grown<F32>(mem, (n) => mem.f32(n)), noGrad: mem.f32(0) };
+  }
+
+  constructor(readonly lin: Linear, private readonly native: NativeOps, mem: Memory, private readonly work: LinearWork, readonly name: string) {
     if (lin.kind === 'quant') {
       const id = specializationId(lin.settings);
       this.kernels = native.kernels[id];
       if (!this.kernels) throw new QaloraError(`${name}: no ${native.backend} kernels for specialization ${id}; is the layer in the spec?`);
+      this.resident = { kind: 'quant', qweight: mem.resident(lin.qweight), alpha: mem.resident(lin.alpha), beta: mem.resident(lin.beta) };
+    } else {
+      this.resident = { kind: 'float', w: mem.resident(lin.w) };
     }
   }
 
-  forward(x: Float32Array, y: Float32Array, m: number, call: LinearCall): void {
-    const lin = this.lin;
-    if (lin.kind === 'float') {
-      this.native.core.gemm(x, lin.w, y, m, lin.out, lin.in, false, true, false);
+  forward(x: F32, y: F32, m: number, call: LinearCall): void {
+    const lin = this.lin, r = this.resident;
+    if (r.kind === 'float') {
+      this.native.core.gemm(x, r.w, y, m, lin.out, lin.in, false, true, false);
       return;
     }
     const args = this.args(m, call);
-    if (lin.settings.dtype === 'fp32') {
+    if (!this.halfActs) {
       this.kernels!.forward(args, x, y);
       return;
     }
-    const xh = this.toHalf(x, 'lin.xh');
-    const yh = this.scratch.h('lin.yh', m * lin.out);
-    this.kernels!.forward(args, xh, yh);
+    const yh = this.work.yh.get(m * lin.out);
+    this.kernels!.forward(args, this.toHalf(x, this.work.xh), yh);
     this.fromHalf(yh, y);
   }
 
   /** dx = dy·W (+ adapter path), written or (accumulate) added; dA/dB written into grad when it is given. */
-  backward(x: Float32Array, dy: Float32Array, dx: Float32Array, m: number, call: LinearCall, accumulate: boolean, grad?: { a: Float32Array; b: Float32Array }): void {
-    const lin = this.lin;
-    if (lin.kind === 'float') {
-      this.native.core.gemm(dy, lin.w, dx, m, lin.in, lin.out, false, false, accumulate);
+  backward(x: F32, dy: F32, dx: F32, m: number, call: LinearCall, accumulate: boolean, grad?: { a: F32; b: F32 }): void {
+    const lin = this.lin, r = this.resident;
+    if (r.kind === 'float') {
+      this.native.core.gemm(dy, r.w, dx, m, lin.in, lin.out, false, false, accumulate);
       return;
     }
     const args = this.args(m, call);
-    const gA = grad && call.adapter ? grad.a : NO_GRAD;
-    const gB = grad && call.adapter ? grad.b : NO_GRAD;
-    const target = accumulate ? this.scratch.f('lin.dx', m * lin.in) : dx;
-    if (lin.settings.dtype === 'fp32') {
+    const gA = grad && call.adapter ? grad.a : this.work.noGrad;
+    const gB = grad && call.adapter ? grad.b : this.work.noGrad;
+    const target = accumulate ? this.work.dxSum.get(m * lin.in) : dx;
+    if (!this.halfActs) {
       this.kernels!.backward(args, x, dy, target, gA, gB);
     } else {
-      const xh = this.toHalf(x, 'lin.xh');
-      const dyh = this.toHalf(dy, 'lin.dyh');
-      const dxh = this.scratch.h('lin.dxh', m * lin.in);
-      this.kernels!.backward(args, xh, dyh, dxh, gA, gB);
+      const dxh = this.work.dxh.get(m * lin.in);
+      this.kernels!.backward(args, this.toHalf(x, this.work.xh), this.toHalf(dy, this.work.dyh), dxh, gA, gB);
       this.fromHalf(dxh, target);
     }
-    if (accumulate) this.native.core.add_inplace(dx, target, dx.length);
+    if (accumulate) this.native.core.add_inplace(dx, target, m * lin.in);
   }
 
   private args(m: number, call: LinearCall): KernelLayerArgs {
-    const lin = this.lin;
-    if (lin.kind !== 'quant') throw new Error('unreachable');
+    const lin = this.lin, r = this.resident;
+    if (lin.kind !== 'quant' || r.kind !== 'quant') throw new Error('unreachable');
     const s = lin.settings;
     const ad = call.adapter && call.adapter.rank > 0 ? call.adapter : undefined;
     return {
-      qweight: lin.qweight, alpha: lin.alpha, beta: lin.beta,
+      qweight: r.qweight, alpha: r.alpha, beta: r.beta,
       loraA: ad?.a, loraB: ad?.b,
       m, in: lin.in, out: lin.out,
       rank: ad ? ad.rank : 0,
@@ -87,18 +112,22 @@ export class LinearOp {
     };
   }
 
+  private get halfActs(): boolean {
+    return this.lin.kind === 'quant' && this.lin.settings.dtype !== 'fp32';
+  }
+
   private get bf16(): boolean {
     return this.lin.kind === 'quant' && this.lin.settings.dtype === 'bf16';
   }
 
-  private toHalf(x: Float32Array, name: string): Uint16Array {
-    const h = this.scratch.h(name, x.length);
+  private toHalf(x: F32, into: Grown<U16>): U16 {
+    const h = into.get(x.length);
     if (this.bf16) this.native.core.f32_to_bf16(x, h, x.length);
     else this.native.core.f32_to_f16(x, h, x.length);
     return h;
   }
 
-  private fromHalf(h: Uint16Array, y: Float32Array): void {
+  private fromHalf(h: U16, y: F32): void {
     if (this.bf16) this.native.core.bf16_to_f32(h, y, y.length);
     else this.native.core.f16_to_f32(h, y, y.length);
   }

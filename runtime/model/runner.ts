@@ -2,13 +2,17 @@
 // only part that differs, passed in as a callback), and backward to the adapters. Backward keeps only each
 // block's input and recomputes the block's activations when it reaches it (activation checkpointing per
 // block), so memory is O(layers·rows·dim) plus one block's intermediates.
+//
+// Every tensor lives in the backend's memory (memory.ts): host arrays on the cpu; on cuda and emu the weights
+// are uploaded once, here, and activations, adapters and gradients stay on the device. The host sends token
+// ids, positions and targets, and reads back logits, the loss and the gradients.
 import { PROJECTIONS } from '../../dsl/resolved.ts';
-import type { AdapterSet, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
+import type { Adapter, AdapterSet, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
 import { specializationId, type CoreOps, type NativeOps, type SpecKernels } from './native-ops.ts';
 import { QaloraError } from '../errors.ts';
 import type { GradOptions } from './llama.ts';
-import { LinearOp, type LinearCall } from './linear.ts';
-import { Scratch } from './scratch.ts';
+import { LinearOp, type AdapterTensors, type LinearCall, type LinearWork } from './linear.ts';
+import { deviceMemory, Grown, hostMemory, RowBuffers, type F32, type I32, type Memory, type U16, type U32 } from './memory.ts';
 import type { BackendName } from './types.ts';
 import { splitmix32 } from '../random.ts';
 import type { OpProfile } from './profile.ts';
@@ -24,10 +28,15 @@ export interface RunnerOptions {
   activations?: ActivationMode;
   /** Per-op timing (`train --profile`); without it the native ops are called directly. */
   profile?: OpProfile;
+  /**
+   * On cuda/emu: keep the model's tensors on the device (default true). false stages every call's host arrays
+   * instead (GPTQ calibration, which reads each block's inputs on the host).
+   */
+  resident?: boolean;
 }
 
 /** Fills att [rows, dim] from roped q [rows, dim], k/v [rows, kvDim] of a block. */
-export type Attend = (block: number, q: Float32Array, k: Float32Array, v: Float32Array, att: Float32Array, lse: Float32Array) => void;
+export type Attend = (block: number, q: F32, k: F32, v: F32, att: F32, lse: F32) => void;
 
 const NO_ADAPTER: LinearCall = { training: false, seed: 0 };
 
@@ -39,29 +48,61 @@ function tableLinear(t: TokenTable, vocab: number, dim: number): Linear {
 /** Logits rows computed per classifier call, so [rows, vocab] never has to exist whole. */
 const CLASSIFIER_CHUNK_FLOATS = 1 << 24;
 
+/** Per row of one block's forward: what backward reads after the recompute. */
+type BlockField = 'xn' | 'rstd1' | 'q' | 'k' | 'v' | 'att' | 'lse' | 'o' | 'xmid' | 'xn2' | 'rstd2' | 'g' | 'u' | 'h' | 'd';
+/** Per row of backward through one block. */
+type GradField = 'dh' | 'dg' | 'du' | 'dxn' | 'datt' | 'dq' | 'dk' | 'dv' | 'tmp';
+/** Per row of the residual stream around the blocks. */
+type StreamField = 'x' | 'xf' | 'rstdf' | 'dxf' | 'dx' | 'xw';
+
+/** The token table as the embedding reads it: fp32 rows, or a quantized table whose looked-up rows are dequantized. */
+type EmbeddingTable = { kind: 'float'; table: F32 } | { kind: 'quant'; kernels: SpecKernels; qweight: U32; alpha: F32 | U16; beta: F32 | U16; wordsPerRow: number; groups: number };
+
 export class Runner {
   readonly config: LlamaConfig;
   readonly core: CoreOps;
-  readonly scratch = new Scratch();
+  /** Where the model's tensors live: host arrays, or the device of a GPU backend. */
+  readonly mem: Memory;
   readonly headDim: number;
   readonly kvDim: number;
+  /** One block's forward intermediates, by name; valid until the next block runs. */
+  readonly block: RowBuffers<BlockField>;
+  private readonly grad: RowBuffers<GradField>;
+  private readonly stream: RowBuffers<StreamField>;
   private readonly linears: Array<Record<ProjectionName, LinearOp>>;
   /** logits = xf·classifierᵀ: the core GEMM on an fp32 table, the QA-LoRA kernels (rank 0) on a quantized one. */
   private readonly classifier: LinearOp;
-  /** The kernels that dequantize rows of a quantized embedding table; undefined for an fp32 table. */
-  private readonly embeddingRows?: SpecKernels;
-  private grads?: AdapterSet;
+  private readonly embedding: EmbeddingTable;
+  private readonly norms: Array<{ attn: F32; ffn: F32 }>;
+  private readonly finalNormW: F32;
+  private readonly adapterTensors: AdapterMirror;
+  /** Where host ids go on a device: one buffer per use, so a step's uploads do not overwrite each other. */
+  private readonly ints: Record<'tokens' | 'pos' | 'targets', Grown<I32>>;
+  private readonly logitsChunk: Grown<F32>;
+  private readonly inputs: Grown<F32>;
+  private grads?: GradBuffers;
   /** forwardBlock as backward's per-block recompute calls it (timed as one row when profiling). */
   private readonly recompute: Runner['forwardBlock'];
 
   constructor(readonly weights: LlamaWeights, readonly native: NativeOps, readonly opts: RunnerOptions) {
     const prof = opts.profile;
     this.config = weights.config;
+    this.mem = native.device && opts.resident !== false ? deviceMemory(native.device) : hostMemory;
+    const mem = this.mem;
     this.core = prof ? prof.wrapCore(native.core) : native.core;
-    this.headDim = this.config.dim / this.config.heads;
+    const { dim, hidden, heads, vocab } = this.config;
+    this.headDim = dim / heads;
     this.kvDim = this.config.kvHeads * this.headDim;
+    const kv = this.kvDim;
+    this.block = new RowBuffers(mem, { xn: dim, rstd1: 1, q: dim, k: kv, v: kv, att: dim, lse: heads, o: dim, xmid: dim, xn2: dim, rstd2: 1, g: hidden, u: hidden, h: hidden, d: dim });
+    this.grad = new RowBuffers(mem, { dh: hidden, dg: hidden, du: hidden, dxn: dim, datt: dim, dq: dim, dk: kv, dv: kv, tmp: dim });
+    this.stream = new RowBuffers(mem, { x: dim, xf: dim, rstdf: 1, dxf: dim, dx: dim, xw: dim });
+    this.ints = { tokens: this.grownI32(), pos: this.grownI32(), targets: this.grownI32() };
+    this.logitsChunk = new Grown(mem, (n) => mem.f32(n));
+    this.inputs = new Grown(mem, (n) => mem.f32(n));
+    const work: LinearWork = LinearOp.work(mem);
     const linear = (lin: Linear, name: string, kind: string) => {
-      const op = new LinearOp(lin, native, this.scratch, name);
+      const op = new LinearOp(lin, native, mem, work, name);
       prof?.timeLinear(op, kind);
       return op;
     };
@@ -70,84 +111,101 @@ export class Runner {
       for (const p of PROJECTIONS) ops[p] = linear(b.proj[p], `layers.${l}.${p}`, p);
       return ops;
     });
-    const { vocab, dim } = this.config;
+    this.norms = weights.blocks.map((b) => ({ attn: mem.resident(b.attnNorm), ffn: mem.resident(b.ffnNorm) }));
+    this.finalNormW = mem.resident(weights.finalNorm);
     this.classifier = linear(tableLinear(weights.classifier, vocab, dim), 'classifier', 'classifier');
+    this.embedding = this.embeddingTable(weights.tokEmbedding);
+    this.adapterTensors = new AdapterMirror(mem);
     this.recompute = prof ? prof.wrap('recompute', this.forwardBlock.bind(this)) : this.forwardBlock;
     if (prof) this.embed = prof.wrap('embedding', this.embed.bind(this));
-    const emb = weights.tokEmbedding;
-    if (!(emb instanceof Float32Array)) {
-      this.embeddingRows = native.kernels[specializationId(emb.settings)];
-      if (!this.embeddingRows) throw new QaloraError(`tok_embeddings: no ${native.backend} kernels for ${specializationId(emb.settings)}`);
-    }
+  }
+
+  private grownI32(): Grown<I32> {
+    return new Grown<I32>(this.mem, (n) => this.mem.i32(n));
+  }
+
+  private embeddingTable(emb: TokenTable): EmbeddingTable {
+    const mem = this.mem;
+    if (emb instanceof Float32Array) return { kind: 'float', table: mem.resident(emb) };
+    const kernels = this.native.kernels[specializationId(emb.settings)];
+    if (!kernels) throw new QaloraError(`tok_embeddings: no ${this.native.backend} kernels for ${specializationId(emb.settings)}`);
+    const vocab = this.config.vocab;
+    // mem.resident uploads an array once: a table tied to the classifier shares the classifier's copy.
+    return { kind: 'quant', kernels, qweight: mem.resident(emb.qweight), alpha: mem.resident(emb.alpha), beta: mem.resident(emb.beta), wordsPerRow: emb.qweight.length / vocab, groups: emb.alpha.length / vocab };
+  }
+
+  /** Host ids in the backend's memory: the array itself on the host, an upload into `into` on a device. */
+  toBackend(a: Int32Array, into: Grown<I32>): I32 {
+    if (!this.mem.device) return a;
+    const t = into.get(a.length);
+    this.mem.write(t, a);
+    return t;
+  }
+
+  /** The adapters' tensors on the backend: re-uploaded from the host arrays (the optimizer updates those). */
+  syncAdapters(adapters: AdapterSet): void {
+    this.adapterTensors.refresh(adapters);
   }
 
   // ---- forward ---------------------------------------------------------------------------------------------
 
-  embed(tokens: Int32Array, x: Float32Array): void {
+  /** x [n, dim] = the rows of `tokens` (host ids, validated by the caller; `ids` the same on the backend). */
+  embed(tokens: Int32Array, ids: I32, x: F32): void {
     const { vocab, dim } = this.config;
-    const emb = this.weights.tokEmbedding;
-    if (emb instanceof Float32Array) {
-      this.core.embedding_forward(emb, tokens, x, tokens.length, vocab, dim);
+    const e = this.embedding, mem = this.mem;
+    if (e.kind === 'float') {
+      this.core.embedding_forward(e.table, ids, x, tokens.length, vocab, dim);
       return;
     }
-    // A quantized table: dequantize only the rows looked up (ids were validated by the caller).
-    const wpr = emb.qweight.length / vocab, groups = emb.alpha.length / vocab;
+    // A quantized table: dequantize only the rows looked up.
+    const wpr = e.wordsPerRow, groups = e.groups;
     for (let i = 0; i < tokens.length; i++) {
       const r = tokens[i];
-      this.embeddingRows!.dequantize(emb.qweight.subarray(r * wpr, (r + 1) * wpr), emb.alpha.subarray(r * groups, (r + 1) * groups),
-        emb.beta.subarray(r * groups, (r + 1) * groups), 1, dim, x.subarray(i * dim, (i + 1) * dim));
+      e.kernels.dequantize(mem.view(e.qweight, r * wpr, wpr), mem.view(e.alpha, r * groups, groups), mem.view(e.beta, r * groups, groups), 1, dim, mem.view(x, i * dim, dim));
     }
   }
 
   private call(adapters: AdapterSet, l: number, p: ProjectionName, training: boolean, seed: number): LinearCall {
-    return { adapter: adapters[l]?.[p], training, seed: training ? layerSeed(seed, l, p) : 0, int8: !training && this.opts.activations === 'int8' };
+    return { adapter: this.adapterTensors.of(adapters[l]?.[p]), training, seed: training ? layerSeed(seed, l, p) : 0, int8: !training && this.opts.activations === 'int8' };
   }
 
   /**
    * Block l on x [m, dim] in place (x ← x + attn(x); x ← x + ffn(x)); pos [m] are the rows' positions.
-   * Intermediates stay in the scratch buffers named below until the next block runs (backward reads them).
+   * Intermediates stay in `this.block.rows(m)` until the next block runs (backward reads them).
    */
-  forwardBlock(l: number, x: Float32Array, m: number, pos: Int32Array, adapters: AdapterSet, attend: Attend, training = false, seed = 0): void {
+  forwardBlock(l: number, x: F32, m: number, pos: I32, adapters: AdapterSet, attend: Attend, training = false, seed = 0): void {
     const { dim, hidden, heads, kvHeads, normEps, ropeTheta } = this.config;
-    const c = this.core, s = this.scratch, blk = this.weights.blocks[l], lin = this.linears[l];
+    const c = this.core, b = this.block.rows(m), norm = this.norms[l], lin = this.linears[l];
     const call = (p: ProjectionName) => this.call(adapters, l, p, training, seed);
-    const xn = s.f('xn', m * dim), rstd1 = s.f('rstd1', m);
-    c.rmsnorm_forward(x, blk.attnNorm, xn, rstd1, m, dim, normEps);
-    const q = s.f('q', m * dim), k = s.f('k', m * this.kvDim), v = s.f('v', m * this.kvDim);
-    lin.q.forward(xn, q, m, call('q'));
-    lin.k.forward(xn, k, m, call('k'));
-    lin.v.forward(xn, v, m, call('v'));
-    c.rope_forward(q, pos, m, heads, this.headDim, ropeTheta, false);
-    c.rope_forward(k, pos, m, kvHeads, this.headDim, ropeTheta, false);
-    const att = s.f('att', m * dim), lse = s.f('lse', m * heads);
-    attend(l, q, k, v, att, lse);
-    const o = s.f('o', m * dim);
-    lin.o.forward(att, o, m, call('o'));
-    const xmid = s.f('xmid', m * dim);
-    xmid.set(x);
-    c.add_inplace(xmid, o, m * dim);
-    const xn2 = s.f('xn2', m * dim), rstd2 = s.f('rstd2', m);
-    c.rmsnorm_forward(xmid, blk.ffnNorm, xn2, rstd2, m, dim, normEps);
-    const g = s.f('g', m * hidden), u = s.f('u', m * hidden), h = s.f('h', m * hidden);
-    lin.gate.forward(xn2, g, m, call('gate'));
-    lin.up.forward(xn2, u, m, call('up'));
-    c.swiglu_forward(g, u, h, m * hidden);
-    const d = s.f('d', m * dim);
-    lin.down.forward(h, d, m, call('down'));
-    x.set(xmid);
-    c.add_inplace(x, d, m * dim);
+    c.rmsnorm_forward(x, norm.attn, b.xn, b.rstd1, m, dim, normEps);
+    lin.q.forward(b.xn, b.q, m, call('q'));
+    lin.k.forward(b.xn, b.k, m, call('k'));
+    lin.v.forward(b.xn, b.v, m, call('v'));
+    c.rope_forward(b.q, pos, m, heads, this.headDim, ropeTheta, false);
+    c.rope_forward(b.k, pos, m, kvHeads, this.headDim, ropeTheta, false);
+    attend(l, b.q, b.k, b.v, b.att, b.lse);
+    lin.o.forward(b.att, b.o, m, call('o'));
+    this.mem.copy(b.xmid, x);
+    c.add_inplace(b.xmid, b.o, m * dim);
+    c.rmsnorm_forward(b.xmid, norm.ffn, b.xn2, b.rstd2, m, dim, normEps);
+    lin.gate.forward(b.xn2, b.g, m, call('gate'));
+    lin.up.forward(b.xn2, b.u, m, call('up'));
+    c.swiglu_forward(b.g, b.u, b.h, m * hidden);
+    lin.down.forward(b.h, b.d, m, call('down'));
+    this.mem.copy(x, b.xmid);
+    c.add_inplace(x, b.d, m * dim);
   }
 
   /** Final norm of x [m, dim] into xf (rstd kept for backward). */
-  finalNorm(x: Float32Array, m: number): { xf: Float32Array; rstd: Float32Array } {
+  finalNorm(x: F32, m: number): { xf: F32; rstd: F32 } {
     const { dim, normEps } = this.config;
-    const xf = this.scratch.f('xf', m * dim), rstd = this.scratch.f('rstdf', m);
-    this.core.rmsnorm_forward(x, this.weights.finalNorm, xf, rstd, m, dim, normEps);
-    return { xf, rstd };
+    const s = this.stream.rows(m);
+    this.core.rmsnorm_forward(x, this.finalNormW, s.xf, s.rstdf, m, dim, normEps);
+    return { xf: s.xf, rstd: s.rstdf };
   }
 
   /** logits [m, vocab] = xf·classifierᵀ. */
-  classify(xf: Float32Array, m: number, out: Float32Array, training = false): void {
+  classify(xf: F32, m: number, out: F32, training = false): void {
     this.classifier.forward(xf, out, m, training ? NO_ADAPTER : { ...NO_ADAPTER, int8: this.opts.activations === 'int8' });
   }
 
@@ -156,65 +214,65 @@ export class Runner {
     return (_l, q, k, v, att, lse) => this.core.attention_forward(q, k, v, att, lse, batch, seqLen, seqLen, heads, kvHeads, this.headDim);
   }
 
-  private positions(batch: number, seqLen: number): Int32Array {
-    const pos = this.scratch.i('pos', batch * seqLen);
+  private positions(batch: number, seqLen: number): I32 {
+    const pos = new Int32Array(batch * seqLen);
     for (let b = 0; b < batch; b++) for (let t = 0; t < seqLen; t++) pos[b * seqLen + t] = t;
-    return pos;
+    return this.toBackend(pos, this.ints.pos);
   }
 
-  /** Residual stream after all blocks, for [batch, seqLen] tokens; `keep` receives each block's input. */
-  private trunk(adapters: AdapterSet, tokens: Int32Array, batch: number, seqLen: number, training: boolean, seed: number, keep?: Float32Array[]): Float32Array {
+  /**
+   * Residual stream after all blocks, for [batch, seqLen] tokens; with `keep`, each block's input is kept.
+   * Returns the positions too (backward's recompute uses them).
+   */
+  private trunk(adapters: AdapterSet, tokens: Int32Array, batch: number, seqLen: number, training: boolean, seed: number, keep?: F32): { x: F32; pos: I32 } {
     const m = batch * seqLen, dim = this.config.dim;
-    const x = this.scratch.f('x', m * dim);
-    this.embed(tokens, x);
+    const x = this.stream.rows(m).x;
+    this.embed(tokens, this.toBackend(tokens, this.ints.tokens), x);
     const pos = this.positions(batch, seqLen), attend = this.trainingAttend(batch, seqLen);
     for (let l = 0; l < this.config.layers; l++) {
-      keep?.[l].set(x);
+      if (keep) this.mem.copy(keep, x, l * m * dim);
       this.forwardBlock(l, x, m, pos, adapters, attend, training, seed);
     }
-    return x;
+    return { x, pos };
   }
 
   logits(adapters: AdapterSet, tokens: Int32Array, batch: number, seqLen: number): Float32Array {
     const m = batch * seqLen;
-    const x = this.trunk(adapters, tokens, batch, seqLen, false, 0);
+    this.syncAdapters(adapters);
+    const { x } = this.trunk(adapters, tokens, batch, seqLen, false, 0);
     const { xf } = this.finalNorm(x, m);
     const out = new Float32Array(m * this.config.vocab);
-    this.classify(xf, m, out);
-    return out;
+    const logits = this.mem.device ? this.logitsChunk.get(out.length) : out;
+    this.classify(xf, m, logits);
+    return this.mem.read(logits, out);
   }
 
   loss(adapters: AdapterSet, tokens: Int32Array, targets: Int32Array, batch: number, seqLen: number, mask?: Uint8Array): { loss: number; count: number } {
     const m = batch * seqLen;
-    const x = this.trunk(adapters, tokens, batch, seqLen, false, 0);
+    this.syncAdapters(adapters);
+    const { x } = this.trunk(adapters, tokens, batch, seqLen, false, 0);
     const { xf } = this.finalNorm(x, m);
-    const t = this.maskedTargets(targets, mask);
-    return { loss: this.classifierLoss(xf, t, m), count: countScored(t) };
-  }
-
-  private maskedTargets(targets: Int32Array, mask?: Uint8Array): Int32Array {
-    if (!mask) return targets;
-    const t = this.scratch.i('targets', targets.length);
-    for (let i = 0; i < t.length; i++) t[i] = mask[i] ? targets[i] : -1;
-    return t;
+    const t = maskedTargets(targets, mask);
+    return { loss: this.classifierLoss(xf, this.toBackend(t, this.ints.targets), m), count: countScored(t) };
   }
 
   /** Σ CE over rows, chunked; with dxf, also writes d(loss)/d(xf). */
-  private classifierLoss(xf: Float32Array, targets: Int32Array, m: number, dxf?: Float32Array): number {
+  private classifierLoss(xf: F32, targets: I32, m: number, dxf?: F32): number {
     const { dim, vocab } = this.config;
+    const mem = this.mem;
     const rows = Math.max(1, Math.min(m, Math.floor(CLASSIFIER_CHUNK_FLOATS / vocab)));
     let total = 0;
     for (let r0 = 0; r0 < m; r0 += rows) {
       const n = Math.min(rows, m - r0);
-      const logits = this.scratch.f('logits', n * vocab);
-      const xs = xf.subarray(r0 * dim, (r0 + n) * dim), ts = targets.subarray(r0, r0 + n);
+      const logits = this.logitsChunk.get(n * vocab);
+      const xs = mem.view(xf, r0 * dim, n * dim), ts = mem.view(targets, r0, n);
       this.classify(xs, n, logits, dxf !== undefined);
       if (!dxf) {
         total += this.core.cross_entropy_forward(logits, ts, n, vocab);
         continue;
       }
       total += this.core.cross_entropy_backward(logits, ts, n, vocab, 1, logits);
-      this.classifier.backward(xs, logits, dxf.subarray(r0 * dim, (r0 + n) * dim), n, NO_ADAPTER, false);
+      this.classifier.backward(xs, logits, mem.view(dxf, r0 * dim, n * dim), n, NO_ADAPTER, false);
     }
     return total;
   }
@@ -224,69 +282,131 @@ export class Runner {
   lossAndGrad(adapters: AdapterSet, tokens: Int32Array, targets: Int32Array, batch: number, seqLen: number, opts: GradOptions): { loss: number; count: number; grads: AdapterSet } {
     const { dim, hidden, heads, kvHeads, layers } = this.config;
     const m = batch * seqLen, training = opts.training ?? false, seed = opts.seed ?? 0;
-    const c = this.core, s = this.scratch;
-    const inputs = Array.from({ length: layers }, (_, l) => s.f(`input${l}`, m * dim));
-    const x = this.trunk(adapters, tokens, batch, seqLen, training, seed, inputs);
+    const c = this.core, mem = this.mem;
+    this.syncAdapters(adapters);
+    const inputs = this.inputs.get(layers * m * dim);
+    const input = (l: number) => mem.view(inputs, l * m * dim, m * dim);
+    const { x, pos } = this.trunk(adapters, tokens, batch, seqLen, training, seed, inputs);
     const { xf, rstd } = this.finalNorm(x, m);
-    const t = this.maskedTargets(targets, opts.mask);
-    const dxf = s.f('dxf', m * dim);
-    const loss = this.classifierLoss(xf, t, m, dxf);
-    const dx = s.f('dx', m * dim);
-    c.rmsnorm_backward(x, this.weights.finalNorm, rstd, dxf, dx, m, dim);
+    const t = maskedTargets(targets, opts.mask);
+    const s = this.stream.rows(m);
+    const loss = this.classifierLoss(xf, this.toBackend(t, this.ints.targets), m, s.dxf);
+    const dx = s.dx;
+    c.rmsnorm_backward(x, this.finalNormW, rstd, s.dxf, dx, m, dim);
 
     const grads = this.gradBuffers(adapters);
-    if (grads.every((set) => Object.keys(set).length === 0)) return { loss, count: countScored(t), grads }; // nothing to train
-    const pos = this.positions(batch, seqLen), attend = this.trainingAttend(batch, seqLen);
-    const xw = s.f('xw', m * dim), tmp = s.f('dtmp', m * dim);
+    if (grads.host.every((set) => Object.keys(set).length === 0)) return { loss, count: countScored(t), grads: grads.host }; // nothing to train
+    const attend = this.trainingAttend(batch, seqLen);
+    const xw = s.xw, d = this.grad.rows(m);
     for (let l = layers - 1; l >= 0; l--) {
-      xw.set(inputs[l]);
+      mem.copy(xw, input(l));
       this.recompute(l, xw, m, pos, adapters, attend, training, seed);
-      const blk = this.weights.blocks[l], lin = this.linears[l];
+      const b = this.block.rows(m), norm = this.norms[l], lin = this.linears[l];
       const call = (p: ProjectionName) => this.call(adapters, l, p, training, seed);
-      const grad = (p: ProjectionName) => grads[l]?.[p];
+      const grad = (p: ProjectionName) => grads.onBackend[l]?.[p];
       // FFN: out = xmid + down(swiglu(gate(xn2), up(xn2)))
-      const dh = s.f('dh', m * hidden), dg = s.f('dg', m * hidden), du = s.f('du', m * hidden);
-      lin.down.backward(s.f('h', m * hidden), dx, dh, m, call('down'), false, grad('down'));
-      c.swiglu_backward(s.f('g', m * hidden), s.f('u', m * hidden), dh, dg, du, m * hidden);
-      const xn2 = s.f('xn2', m * dim), dxn = s.f('dxn', m * dim);
-      lin.gate.backward(xn2, dg, dxn, m, call('gate'), false, grad('gate'));
-      lin.up.backward(xn2, du, dxn, m, call('up'), true, grad('up'));
-      c.rmsnorm_backward(s.f('xmid', m * dim), blk.ffnNorm, s.f('rstd2', m), dxn, tmp, m, dim);
-      c.add_inplace(dx, tmp, m * dim);
+      lin.down.backward(b.h, dx, d.dh, m, call('down'), false, grad('down'));
+      c.swiglu_backward(b.g, b.u, d.dh, d.dg, d.du, m * hidden);
+      lin.gate.backward(b.xn2, d.dg, d.dxn, m, call('gate'), false, grad('gate'));
+      lin.up.backward(b.xn2, d.du, d.dxn, m, call('up'), true, grad('up'));
+      c.rmsnorm_backward(b.xmid, norm.ffn, b.rstd2, d.dxn, d.tmp, m, dim);
+      c.add_inplace(dx, d.tmp, m * dim);
       // Attention: xmid = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn)))
-      const datt = s.f('datt', m * dim);
-      lin.o.backward(s.f('att', m * dim), dx, datt, m, call('o'), false, grad('o'));
-      const dq = s.f('dq', m * dim), dk = s.f('dk', m * this.kvDim), dv = s.f('dv', m * this.kvDim);
-      c.attention_backward(s.f('q', m * dim), s.f('k', m * this.kvDim), s.f('v', m * this.kvDim), s.f('att', m * dim), s.f('lse', m * heads), datt, dq, dk, dv, batch, seqLen, seqLen, heads, kvHeads, this.headDim);
-      c.rope_backward(dq, pos, m, heads, this.headDim, this.config.ropeTheta, false);
-      c.rope_backward(dk, pos, m, kvHeads, this.headDim, this.config.ropeTheta, false);
-      const xn = s.f('xn', m * dim);
-      lin.q.backward(xn, dq, dxn, m, call('q'), false, grad('q'));
-      lin.k.backward(xn, dk, dxn, m, call('k'), true, grad('k'));
-      lin.v.backward(xn, dv, dxn, m, call('v'), true, grad('v'));
+      lin.o.backward(b.att, dx, d.datt, m, call('o'), false, grad('o'));
+      c.attention_backward(b.q, b.k, b.v, b.att, b.lse, d.datt, d.dq, d.dk, d.dv, batch, seqLen, seqLen, heads, kvHeads, this.headDim);
+      c.rope_backward(d.dq, pos, m, heads, this.headDim, this.config.ropeTheta, false);
+      c.rope_backward(d.dk, pos, m, kvHeads, this.headDim, this.config.ropeTheta, false);
+      lin.q.backward(b.xn, d.dq, d.dxn, m, call('q'), false, grad('q'));
+      lin.k.backward(b.xn, d.dk, d.dxn, m, call('k'), true, grad('k'));
+      lin.v.backward(b.xn, d.dv, d.dxn, m, call('v'), true, grad('v'));
       if (l === 0) break; // the embeddings are frozen: nothing below block 0 needs dx
-      c.rmsnorm_backward(inputs[l], blk.attnNorm, s.f('rstd1', m), dxn, tmp, m, dim);
-      c.add_inplace(dx, tmp, m * dim);
+      c.rmsnorm_backward(input(l), norm.attn, b.rstd1, d.dxn, d.tmp, m, dim);
+      c.add_inplace(dx, d.tmp, m * dim);
     }
-    return { loss, count: countScored(t), grads };
+    if (mem.device) mem.read(grads.flat, grads.hostFlat); // every gradient in one download
+    return { loss, count: countScored(t), grads: grads.host };
   }
 
-  /** Gradient arrays shaped like the adapters (reused across calls while the shapes stay the same). */
-  private gradBuffers(adapters: AdapterSet): AdapterSet {
-    const same = this.grads && this.grads.length === adapters.length && adapters.every((blk, l) =>
-      PROJECTIONS.every((p) => (blk?.[p]?.a.length ?? -1) === (this.grads![l]?.[p]?.a.length ?? -1) && (blk?.[p]?.b.length ?? -1) === (this.grads![l]?.[p]?.b.length ?? -1)));
-    if (!same) {
-      this.grads = adapters.map((blk) => {
-        const g: AdapterSet[number] = {};
-        for (const p of PROJECTIONS) {
-          const ad = blk?.[p];
-          if (ad && ad.rank > 0) g[p] = { rank: ad.rank, alpha: ad.alpha, a: new Float32Array(ad.a.length), b: new Float32Array(ad.b.length) };
-        }
-        return g;
-      });
+  /** Gradient buffers shaped like the adapters (reused while the shapes stay the same): one flat block each side. */
+  private gradBuffers(adapters: AdapterSet): GradBuffers {
+    const shape = adapters.map((blk) => PROJECTIONS.map((p) => (blk?.[p] && blk[p]!.rank > 0 ? `${blk[p]!.a.length}/${blk[p]!.b.length}` : '-')).join(',')).join(';');
+    if (this.grads?.shape === shape) return this.grads;
+    let total = 0;
+    for (const blk of adapters) for (const p of PROJECTIONS) if (blk?.[p] && blk[p]!.rank > 0) total += blk[p]!.a.length + blk[p]!.b.length;
+    const hostFlat = new Float32Array(total);
+    const flat = this.mem.device ? this.mem.f32(total) : hostFlat;
+    let at = 0;
+    const host: AdapterSet = [], onBackend: GradBuffers['onBackend'] = [];
+    for (const blk of adapters) {
+      const h: AdapterSet[number] = {}, d: GradBuffers['onBackend'][number] = {};
+      for (const p of PROJECTIONS) {
+        const ad = blk?.[p];
+        if (!ad || ad.rank <= 0) continue;
+        const [na, nb] = [ad.a.length, ad.b.length];
+        h[p] = { rank: ad.rank, alpha: ad.alpha, a: hostFlat.subarray(at, at + na), b: hostFlat.subarray(at + na, at + na + nb) };
+        d[p] = { a: this.mem.view(flat, at, na), b: this.mem.view(flat, at + na, nb) };
+        at += na + nb;
+      }
+      host.push(h);
+      onBackend.push(d);
     }
-    return this.grads!;
+    this.grads = { shape, host, onBackend, flat, hostFlat };
+    return this.grads;
   }
+}
+
+interface GradBuffers {
+  shape: string;
+  /** What lossAndGrad returns: views of hostFlat shaped like the adapters. */
+  host: AdapterSet;
+  /** What the kernels write: views of flat (hostFlat itself on the cpu). */
+  onBackend: Array<Partial<Record<ProjectionName, { a: F32; b: F32 }>>>;
+  flat: F32;
+  hostFlat: Float32Array;
+}
+
+/**
+ * The adapters as the kernels take them. On the host that is the adapter itself; on a device a copy per array,
+ * uploaded when first seen and again at refresh() (each entry of a pass over the model: the optimizer updates the
+ * host arrays in place between steps). Decode steps reuse what the last prefill uploaded.
+ */
+class AdapterMirror {
+  private readonly tensors = new WeakMap<Adapter, AdapterTensors>();
+
+  constructor(private readonly mem: Memory) {}
+
+  of(ad: Adapter | undefined): AdapterTensors | undefined {
+    if (!ad || !this.mem.device) return ad;
+    let t = this.tensors.get(ad);
+    if (!t) {
+      t = { rank: ad.rank, alpha: ad.alpha, a: this.mem.resident(ad.a), b: this.mem.resident(ad.b) };
+      this.tensors.set(ad, t);
+    }
+    return t;
+  }
+
+  refresh(adapters: AdapterSet): void {
+    if (!this.mem.device) return;
+    for (const set of adapters) {
+      for (const p of PROJECTIONS) {
+        const ad = set?.[p];
+        if (!ad || ad.rank <= 0) continue;
+        const known = this.tensors.has(ad);
+        const t = this.of(ad)!;
+        if (known) {
+          this.mem.write(t.a, ad.a);
+          this.mem.write(t.b, ad.b);
+        }
+      }
+    }
+  }
+}
+
+function maskedTargets(targets: Int32Array, mask?: Uint8Array): Int32Array {
+  if (!mask) return targets;
+  const t = new Int32Array(targets.length);
+  for (let i = 0; i < t.length; i++) t[i] = mask[i] ? targets[i] : -1;
+  return t;
 }
 
 function countScored(targets: Int32Array): number {

@@ -1,31 +1,61 @@
 // A generation stream: per-layer K/V caches, prefill (many positions in one pass) and decode steps, alone or
-// batched across sessions (the linear layers then run once over all of their rows).
+// batched across sessions (the linear layers then run once over all of their rows). The caches live where the
+// model's tensors do (Runner.mem): on a GPU backend a decode step uploads its token ids and positions in one
+// copy, runs every op on the device and waits once, for the logits.
 import type { InferenceSession } from './llama.ts';
 import type { Attend, Runner } from './runner.ts';
 import type { AdapterSet } from './types.ts';
+import { Grown, type F32, type I32 } from './memory.ts';
 import { QaloraError } from '../errors.ts';
+
+/** Buffers of the steps of a model's sessions (one step runs at a time). */
+interface StepWork {
+  x: Grown<F32>;
+  ints: Grown<I32>;
+  logits: Grown<F32>;
+}
+const stepWork = new WeakMap<Runner, StepWork>();
+function workOf(r: Runner): StepWork {
+  let w = stepWork.get(r);
+  if (!w) {
+    const mem = r.mem;
+    w = { x: new Grown(mem, (n) => mem.f32(n)), ints: new Grown(mem, (n) => mem.i32(n)), logits: new Grown(mem, (n) => mem.f32(n)) };
+    stepWork.set(r, w);
+  }
+  return w;
+}
+
+/** Ids and positions in one host array, uploaded in one copy: [tokens | positions]. */
+function idsAndPositions(r: Runner, tokens: Int32Array, positions: Int32Array): { ids: I32; pos: I32 } {
+  const n = tokens.length, both = new Int32Array(2 * n);
+  both.set(tokens);
+  both.set(positions, n);
+  const onBackend = r.toBackend(both, workOf(r).ints);
+  return { ids: r.mem.view(onBackend, 0, n), pos: r.mem.view(onBackend, n, n) };
+}
 
 export class KvSession implements InferenceSession {
   private position = 0;
   // Caches grow with the sequence (doubling, up to the context): a big model's full-context cache is GBs.
-  private kCache: Float32Array[];
-  private vCache: Float32Array[];
+  private kCache: F32[] = [];
+  private vCache: F32[] = [];
   private capacity = 0;
   private readonly out: Float32Array;
 
   constructor(readonly runner: Runner, private readonly adapters: () => AdapterSet) {
-    this.kCache = [];
-    this.vCache = [];
     this.out = new Float32Array(runner.config.vocab);
   }
 
   private reserve(positions: number): void {
     if (positions <= this.capacity) return;
-    const { layers, context } = this.runner.config, kvDim = this.runner.kvDim;
+    const r = this.runner, mem = r.mem, { layers, context } = r.config, kvDim = r.kvDim;
     const cap = Math.min(context, Math.max(positions, 2 * this.capacity, 64));
-    const grow = (old: Float32Array[]) => Array.from({ length: layers }, (_, l) => {
-      const a = new Float32Array(cap * kvDim);
-      if (old[l]) a.set(old[l].subarray(0, this.position * kvDim));
+    const grow = (old: F32[]) => Array.from({ length: layers }, (_, l) => {
+      const a = mem.f32(cap * kvDim);
+      if (old[l]) {
+        mem.copy(a, mem.view(old[l], 0, this.position * kvDim));
+        mem.free(old[l]);
+      }
       return a;
     });
     this.kCache = grow(this.kCache);
@@ -46,35 +76,45 @@ export class KvSession implements InferenceSession {
     this.position = Math.min(this.position, n);
   }
 
+  /** A new prompt: the adapters are synced to the backend first (they may have been trained since). */
   prefill(ids: number[] | Int32Array): Float32Array {
-    const r = this.runner, { dim, heads, kvHeads } = r.config;
-    const t = ids.length;
-    if (t === 0) throw new QaloraError('prefill: no tokens given');
-    this.checkRoom(t);
-    const tokens = r.scratch.i('s.tokens', t), pos = r.scratch.i('s.pos', t);
-    for (let i = 0; i < t; i++) {
-      tokens[i] = checkId(ids[i], r.config.vocab);
-      pos[i] = this.position + i;
-    }
-    const x = r.scratch.f('s.x', t * dim);
-    r.embed(tokens, x);
-    const start = this.position, kvDim = r.kvDim;
-    const attend: Attend = (l, q, k, v, att, lse) => {
-      this.kCache[l].set(k, start * kvDim);
-      this.vCache[l].set(v, start * kvDim);
-      const tk = start + t;
-      r.core.attention_forward(q, this.kCache[l].subarray(0, tk * kvDim), this.vCache[l].subarray(0, tk * kvDim), att, lse, 1, t, tk, heads, kvHeads, r.headDim);
-    };
-    const adapters = this.adapters();
-    for (let l = 0; l < r.config.layers; l++) r.forwardBlock(l, x, t, pos, adapters, attend);
-    const { xf } = r.finalNorm(x.subarray((t - 1) * dim), 1);
-    r.classify(xf, 1, this.out);
-    this.position += t;
-    return this.out;
+    this.runner.syncAdapters(this.adapters());
+    return this.feed(ids);
   }
 
   step(id: number): Float32Array {
-    return this.prefill([id]);
+    return this.feed([id]);
+  }
+
+  private feed(ids: number[] | Int32Array): Float32Array {
+    const r = this.runner, mem = r.mem, { dim, heads, kvHeads, vocab } = r.config;
+    const t = ids.length;
+    if (t === 0) throw new QaloraError('prefill: no tokens given');
+    this.checkRoom(t);
+    const tokens = new Int32Array(t), positions = new Int32Array(t);
+    for (let i = 0; i < t; i++) {
+      tokens[i] = checkId(ids[i], vocab);
+      positions[i] = this.position + i;
+    }
+    const work = workOf(r);
+    const { ids: onBackend, pos } = idsAndPositions(r, tokens, positions);
+    const x = work.x.get(t * dim);
+    r.embed(tokens, onBackend, x);
+    const start = this.position, kvDim = r.kvDim;
+    const attend: Attend = (l, q, k, v, att, lse) => {
+      mem.copy(this.kCache[l], k, start * kvDim);
+      mem.copy(this.vCache[l], v, start * kvDim);
+      const tk = start + t;
+      r.core.attention_forward(q, mem.view(this.kCache[l], 0, tk * kvDim), mem.view(this.vCache[l], 0, tk * kvDim), att, lse, 1, t, tk, heads, kvHeads, r.headDim);
+    };
+    const adapters = this.adapters();
+    for (let l = 0; l < r.config.layers; l++) r.forwardBlock(l, x, t, pos, adapters, attend);
+    const { xf } = r.finalNorm(mem.view(x, (t - 1) * dim, dim), 1);
+    const logits = mem.device ? work.logits.get(vocab) : this.out;
+    r.classify(xf, 1, logits);
+    mem.read(logits, this.out);
+    this.position += t;
+    return this.out;
   }
 
   private checkRoom(n: number): void {
@@ -88,30 +128,34 @@ export class KvSession implements InferenceSession {
     if (n === 0) return [];
     if (new Set(sessions).size !== n) throw new QaloraError('stepBatch: a session appears twice');
     if (n === 1) return [sessions[0].step(ids[0])];
-    const { dim, heads, kvHeads, vocab } = r.config, kvDim = r.kvDim, hd = r.headDim;
-    const tokens = r.scratch.i('b.tokens', n), pos = r.scratch.i('b.pos', n);
+    const mem = r.mem, { dim, heads, kvHeads, vocab } = r.config, kvDim = r.kvDim, hd = r.headDim;
+    const tokens = new Int32Array(n), positions = new Int32Array(n);
     sessions.forEach((s, i) => {
       s.checkRoom(1);
       tokens[i] = checkId(ids[i], vocab);
-      pos[i] = s.position;
+      positions[i] = s.position;
     });
-    const x = r.scratch.f('b.x', n * dim);
-    r.embed(tokens, x);
+    const work = workOf(r);
+    const { ids: onBackend, pos } = idsAndPositions(r, tokens, positions);
+    const x = work.x.get(n * dim);
+    r.embed(tokens, onBackend, x);
     const attend: Attend = (l, q, k, v, att, lse) => {
       for (let i = 0; i < n; i++) {
         const s = sessions[i], p = s.position;
-        s.kCache[l].set(k.subarray(i * kvDim, (i + 1) * kvDim), p * kvDim);
-        s.vCache[l].set(v.subarray(i * kvDim, (i + 1) * kvDim), p * kvDim);
-        r.core.attention_forward(q.subarray(i * dim, (i + 1) * dim), s.kCache[l].subarray(0, (p + 1) * kvDim), s.vCache[l].subarray(0, (p + 1) * kvDim),
-          att.subarray(i * dim, (i + 1) * dim), lse.subarray(i * heads, (i + 1) * heads), 1, 1, p + 1, heads, kvHeads, hd);
+        mem.copy(s.kCache[l], mem.view(k, i * kvDim, kvDim), p * kvDim);
+        mem.copy(s.vCache[l], mem.view(v, i * kvDim, kvDim), p * kvDim);
+        r.core.attention_forward(mem.view(q, i * dim, dim), mem.view(s.kCache[l], 0, (p + 1) * kvDim), mem.view(s.vCache[l], 0, (p + 1) * kvDim),
+          mem.view(att, i * dim, dim), mem.view(lse, i * heads, heads), 1, 1, p + 1, heads, kvHeads, hd);
       }
     };
     for (let l = 0; l < r.config.layers; l++) r.forwardBlock(l, x, n, pos, adapters, attend);
     const { xf } = r.finalNorm(x, n);
-    const logits = r.scratch.f('b.logits', n * vocab);
+    const all = new Float32Array(n * vocab);
+    const logits = mem.device ? work.logits.get(n * vocab) : all;
     r.classify(xf, n, logits);
+    mem.read(logits, all);
     return sessions.map((s, i) => {
-      s.out.set(logits.subarray(i * vocab, (i + 1) * vocab));
+      s.out.set(all.subarray(i * vocab, (i + 1) * vocab));
       s.position++;
       return s.out;
     });

@@ -1,6 +1,6 @@
-// The hand-written half of the N-API glue: argument checking and the generic kernel wrappers. The generated
-// half (addon.cpp) only lists which kernels and core ops exist. Every check names the function, the argument
-// and what was expected, because these messages are what a user sees when a call from JS is wrong.
+// The hand-written half of the N-API glue: the generic kernel wrappers over the argument helpers (napi_args.h)
+// and the backends' memory (device_tensor.h). The generated half (addon.cpp) only lists which kernels and core
+// ops exist.
 #pragma once
 #define NAPI_VERSION 8
 #include <napi.h>
@@ -14,102 +14,10 @@
 #include <string>
 
 #include "qalora_common.h"
+#include "napi_args.h"
+#include "device_tensor.h"
 
 namespace qalora::addon {
-
-constexpr int64_t kAnyLength = -1;
-
-inline const char* typed_array_name(napi_typedarray_type t) {
-  switch (t) {
-    case napi_int8_array: return "Int8Array";
-    case napi_uint8_array: return "Uint8Array";
-    case napi_uint8_clamped_array: return "Uint8ClampedArray";
-    case napi_int16_array: return "Int16Array";
-    case napi_uint16_array: return "Uint16Array";
-    case napi_int32_array: return "Int32Array";
-    case napi_uint32_array: return "Uint32Array";
-    case napi_float32_array: return "Float32Array";
-    case napi_float64_array: return "Float64Array";
-    case napi_bigint64_array: return "BigInt64Array";
-    case napi_biguint64_array: return "BigUint64Array";
-    default: return "TypedArray";
-  }
-}
-
-[[noreturn]] inline void type_error(Napi::Env env, const std::string& msg) { throw Napi::TypeError::New(env, msg); }
-[[noreturn]] inline void range_error(Napi::Env env, const std::string& msg) { throw Napi::RangeError::New(env, msg); }
-
-inline std::string describe(const Napi::Value& v) {
-  if (v.IsTypedArray()) {
-    auto a = v.As<Napi::TypedArray>();
-    return std::string(typed_array_name(a.TypedArrayType())) + " of length " + std::to_string(a.ElementLength());
-  }
-  if (v.IsUndefined()) return "undefined";
-  if (v.IsNull()) return "null";
-  if (v.IsNumber()) return "number";
-  if (v.IsBoolean()) return "boolean";
-  if (v.IsString()) return "string";
-  if (v.IsArray()) return "Array";
-  return "object";
-}
-
-// `why` says where an expected length comes from (e.g. "m*in = 3*64"), so a mismatch is easy to trace. It is
-// a callable (or a string literal), evaluated only when the check fails: the happy path allocates nothing.
-inline std::string explain(const char* why) { return why; }
-template <typename F>
-std::string explain(const F& why) { return why(); }
-
-template <typename T, typename Why = const char*>
-T* typed_array(const Napi::Value& v, napi_typedarray_type type, const char* fn, const char* arg, int64_t len, Why why = "") {
-  bool ok = v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == type;
-  if (ok && len != kAnyLength && (int64_t)v.As<Napi::TypedArray>().ElementLength() != len) ok = false;
-  if (!ok) {
-    std::string want = typed_array_name(type);
-    const std::string because = explain(why);
-    if (len != kAnyLength) want += " of length " + std::to_string(len) + (because.empty() ? "" : " (" + because + ")");
-    type_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be a " + want + ", got " + describe(v));
-  }
-  auto a = v.As<Napi::TypedArray>();
-  return reinterpret_cast<T*>(static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset());
-}
-
-inline std::string product(const char* dims, int64_t a, int64_t b) {
-  return std::string(dims) + " = " + std::to_string(a) + "*" + std::to_string(b);
-}
-
-inline double number_arg(const Napi::Value& v, const char* fn, const char* arg) {
-  if (!v.IsNumber()) type_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be a number, got " + describe(v));
-  return v.As<Napi::Number>().DoubleValue();
-}
-
-inline int64_t int_arg(const Napi::Value& v, const char* fn, const char* arg, int64_t min = 0) {
-  const double d = number_arg(v, fn, arg);
-  if (!(d == std::floor(d)) || d < (double)min || d > 9007199254740991.0)
-    range_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be an integer >= " + std::to_string(min) +
-                             ", got " + std::to_string(d));
-  return (int64_t)d;
-}
-
-inline uint64_t u64_arg(const Napi::Value& v, const char* fn, const char* arg) {
-  if (v.IsBigInt()) {
-    bool lossless = true;
-    const uint64_t u = v.As<Napi::BigInt>().Uint64Value(&lossless);
-    if (!lossless) range_error(v.Env(), std::string(fn) + ": argument '" + arg + "' does not fit in 64 unsigned bits");
-    return u;
-  }
-  return (uint64_t)int_arg(v, fn, arg);
-}
-
-inline bool bool_arg(const Napi::Value& v, const char* fn, const char* arg) {
-  if (v.IsBoolean()) return v.As<Napi::Boolean>().Value();
-  if (v.IsNumber()) return v.As<Napi::Number>().DoubleValue() != 0;
-  type_error(v.Env(), std::string(fn) + ": argument '" + arg + "' must be a boolean, got " + describe(v));
-}
-
-inline void expect_argc(const Napi::CallbackInfo& info, size_t n, const char* fn) {
-  if (info.Length() != n)
-    type_error(info.Env(), std::string(fn) + ": expected " + std::to_string(n) + " arguments, got " + std::to_string(info.Length()));
-}
 
 // ---- QA-LoRA kernels -------------------------------------------------------------------------------------
 /// Element storage of activations (act) and of α/β (scales): F32 is Float32Array, U16 fp16/bf16 bits in a
@@ -129,10 +37,11 @@ struct KernelFns {
   void (*merge)(const LayerArgs&, void*);
 };
 
-// One JS function's binding: the kernel table entry and its name for messages ("cpu.b4_g32_fp16_mean.forward"),
-// built once at load time.
+// One JS function's binding: the kernel table entry, its backend's memory (nullptr on the CPU) and its name for
+// messages ("cpu.b4_g32_fp16_mean.forward"), built once at load time.
 struct Bound {
   const KernelFns* k;
+  const DeviceMemory* mem;
   std::string name;
 };
 
@@ -142,22 +51,23 @@ inline int64_t checked_groups(Napi::Env env, const KernelFns& k, int64_t in, con
   return in / k.group;
 }
 
-inline void* activation(const Napi::Value& v, const KernelFns& k, const char* fn, const char* arg, int64_t rows, int64_t cols,
-                        const char* dims) {
+inline void* activation(CallContext& ctx, const Napi::Value& v, const KernelFns& k, const char* fn, const char* arg, int64_t rows,
+                        int64_t cols, const char* dims, Access access) {
   auto why = [&] { return product(dims, rows, cols); };
-  if (k.act == Act::F32) return typed_array<float>(v, napi_float32_array, fn, arg, rows * cols, why);
-  return typed_array<uint16_t>(v, napi_uint16_array, fn, arg, rows * cols, why);
+  if (k.act == Act::F32) return ctx.array<float>(v, napi_float32_array, fn, arg, rows * cols, access, why);
+  return ctx.array<uint16_t>(v, napi_uint16_array, fn, arg, rows * cols, access, why);
 }
 
 // α, β or β' [out, in/g] in the specialization's scale storage.
 template <typename Why>
-inline void* scales_arg(const Napi::Value& v, const KernelFns& k, const char* fn, const char* arg, int64_t len, Why why) {
-  if (k.scales == Act::F32) return typed_array<float>(v, napi_float32_array, fn, arg, len, why);
-  return typed_array<uint16_t>(v, napi_uint16_array, fn, arg, len, why);
+inline void* scales_arg(CallContext& ctx, const Napi::Value& v, const KernelFns& k, const char* fn, const char* arg, int64_t len,
+                        Access access, Why why) {
+  if (k.scales == Act::F32) return ctx.array<float>(v, napi_float32_array, fn, arg, len, access, why);
+  return ctx.array<uint16_t>(v, napi_uint16_array, fn, arg, len, access, why);
 }
 
 // Reads the JS args object of forward/backward/merge into LayerArgs, checking every array against the sizes.
-inline LayerArgs layer_args(const Napi::Value& v, const KernelFns& k, const char* fn) {
+inline LayerArgs layer_args(CallContext& ctx, const Napi::Value& v, const KernelFns& k, const char* fn) {
   Napi::Env env = v.Env();
   if (!v.IsObject() || v.IsTypedArray() || v.IsArray()) type_error(env, std::string(fn) + ": argument 'args' must be an object, got " + describe(v));
   Napi::Object o = v.As<Napi::Object>();
@@ -180,15 +90,15 @@ inline LayerArgs layer_args(const Napi::Value& v, const KernelFns& k, const char
   const int64_t groups = checked_groups(env, k, a.in, fn);
   const int64_t words = words_per_row(a.in, k.bits);
   auto per_group = [&] { return product("out*(in/g)", a.out, groups); };
-  a.qweight = typed_array<uint32_t>(field("qweight"), napi_uint32_array, fn, "args.qweight", a.out * words,
-                                    [&] { return product("out*words_per_row(in, bits)", a.out, words); });
-  a.alpha = scales_arg(field("alpha"), k, fn, "args.alpha", a.out * groups, per_group);
-  a.beta = scales_arg(field("beta"), k, fn, "args.beta", a.out * groups, per_group);
+  a.qweight = ctx.array<uint32_t>(field("qweight"), napi_uint32_array, fn, "args.qweight", a.out * words, Access::In,
+                                   [&] { return product("out*words_per_row(in, bits)", a.out, words); });
+  a.alpha = scales_arg(ctx, field("alpha"), k, fn, "args.alpha", a.out * groups, Access::In, per_group);
+  a.beta = scales_arg(ctx, field("beta"), k, fn, "args.beta", a.out * groups, Access::In, per_group);
   if (a.rank > 0) {
-    a.lora_a = typed_array<float>(field("loraA"), napi_float32_array, fn, "args.loraA", a.rank * groups,
-                                  [&] { return product("rank*(in/g)", a.rank, groups); });
-    a.lora_b = typed_array<float>(field("loraB"), napi_float32_array, fn, "args.loraB", a.out * a.rank,
-                                  [&] { return product("out*rank", a.out, a.rank); });
+    a.lora_a = ctx.array<float>(field("loraA"), napi_float32_array, fn, "args.loraA", a.rank * groups, Access::In,
+                                [&] { return product("rank*(in/g)", a.rank, groups); });
+    a.lora_b = ctx.array<float>(field("loraB"), napi_float32_array, fn, "args.loraB", a.out * a.rank, Access::In,
+                                [&] { return product("out*rank", a.out, a.rank); });
   }
   return a;
 }
@@ -208,20 +118,25 @@ Napi::Value guarded(const Napi::CallbackInfo& info) {
 
 inline const Bound& bound_of(const Napi::CallbackInfo& info) { return *static_cast<const Bound*>(info.Data()); }
 
+// Each wrapper reads its arguments through a CallContext (host arrays are staged on a GPU backend, device
+// tensors used in place), calls the kernel and brings back what it staged.
 struct KernelWrappers {
   static Napi::Value quantize(const Napi::CallbackInfo& info) {
     const Bound& b = bound_of(info);
     const KernelFns& k = *b.k;
     const char* fn = b.name.c_str();
     expect_argc(info, 6, fn);
+    CallContext ctx(b.mem);
     const int64_t out = int_arg(info[1], fn, "out", 1), in = int_arg(info[2], fn, "in", 1);
     const int64_t groups = checked_groups(info.Env(), k, in, fn);
     auto per_group = [&] { return product("out*(in/g)", out, groups); };
-    const float* w = typed_array<float>(info[0], napi_float32_array, fn, "w", out * in, "out*in");
-    uint32_t* q = typed_array<uint32_t>(info[3], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), "out*words_per_row(in, bits)");
-    void* alpha = scales_arg(info[4], k, fn, "alpha", out * groups, per_group);
-    void* beta = scales_arg(info[5], k, fn, "beta", out * groups, per_group);
+    const float* w = ctx.array<float>(info[0], napi_float32_array, fn, "w", out * in, Access::In, "out*in");
+    uint32_t* q = ctx.array<uint32_t>(info[3], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), Access::Out,
+                                      "out*words_per_row(in, bits)");
+    void* alpha = scales_arg(ctx, info[4], k, fn, "alpha", out * groups, Access::Out, per_group);
+    void* beta = scales_arg(ctx, info[5], k, fn, "beta", out * groups, Access::Out, per_group);
     k.quantize(w, out, in, q, alpha, beta);
+    ctx.finish();
     return info.Env().Undefined();
   }
   static Napi::Value dequantize(const Napi::CallbackInfo& info) {
@@ -229,54 +144,63 @@ struct KernelWrappers {
     const KernelFns& k = *b.k;
     const char* fn = b.name.c_str();
     expect_argc(info, 6, fn);
+    CallContext ctx(b.mem);
     const int64_t out = int_arg(info[3], fn, "out", 1), in = int_arg(info[4], fn, "in", 1);
     const int64_t groups = checked_groups(info.Env(), k, in, fn);
     auto per_group = [&] { return product("out*(in/g)", out, groups); };
-    const uint32_t* q = typed_array<uint32_t>(info[0], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), "out*words_per_row(in, bits)");
-    const void* alpha = scales_arg(info[1], k, fn, "alpha", out * groups, per_group);
-    const void* beta = scales_arg(info[2], k, fn, "beta", out * groups, per_group);
-    float* w = typed_array<float>(info[5], napi_float32_array, fn, "w", out * in, "out*in");
+    const uint32_t* q = ctx.array<uint32_t>(info[0], napi_uint32_array, fn, "qweight", out * words_per_row(in, k.bits), Access::In,
+                                            "out*words_per_row(in, bits)");
+    const void* alpha = scales_arg(ctx, info[1], k, fn, "alpha", out * groups, Access::In, per_group);
+    const void* beta = scales_arg(ctx, info[2], k, fn, "beta", out * groups, Access::In, per_group);
+    float* w = ctx.array<float>(info[5], napi_float32_array, fn, "w", out * in, Access::Out, "out*in");
     k.dequantize(q, alpha, beta, out, in, w);
+    ctx.finish();
     return info.Env().Undefined();
   }
   static Napi::Value forward(const Napi::CallbackInfo& info) {
     const Bound& b = bound_of(info);
     const char* fn = b.name.c_str();
     expect_argc(info, 3, fn);
-    const LayerArgs a = layer_args(info[0], *b.k, fn);
-    const void* x = activation(info[1], *b.k, fn, "x", a.m, a.in, "m*in");
-    void* y = activation(info[2], *b.k, fn, "y", a.m, a.out, "m*out");
+    CallContext ctx(b.mem);
+    const LayerArgs a = layer_args(ctx, info[0], *b.k, fn);
+    const void* x = activation(ctx, info[1], *b.k, fn, "x", a.m, a.in, "m*in", Access::In);
+    void* y = activation(ctx, info[2], *b.k, fn, "y", a.m, a.out, "m*out", Access::Out);
     b.k->forward(a, x, y);
+    ctx.finish();
     return info.Env().Undefined();
   }
   static Napi::Value backward(const Napi::CallbackInfo& info) {
     const Bound& b = bound_of(info);
     const char* fn = b.name.c_str();
     expect_argc(info, 6, fn);
-    const LayerArgs a = layer_args(info[0], *b.k, fn);
+    CallContext ctx(b.mem);
+    const LayerArgs a = layer_args(ctx, info[0], *b.k, fn);
     const int64_t groups = a.in / b.k->group;
-    const void* x = activation(info[1], *b.k, fn, "x", a.m, a.in, "m*in");
-    const void* dy = activation(info[2], *b.k, fn, "dy", a.m, a.out, "m*out");
-    void* dx = activation(info[3], *b.k, fn, "dx", a.m, a.in, "m*in");
-    float* ga = typed_array<float>(info[4], napi_float32_array, fn, "gradA", a.rank * groups, "rank*(in/g)");
-    float* gb = typed_array<float>(info[5], napi_float32_array, fn, "gradB", a.out * a.rank, "out*rank");
+    const void* x = activation(ctx, info[1], *b.k, fn, "x", a.m, a.in, "m*in", Access::In);
+    const void* dy = activation(ctx, info[2], *b.k, fn, "dy", a.m, a.out, "m*out", Access::In);
+    void* dx = activation(ctx, info[3], *b.k, fn, "dx", a.m, a.in, "m*in", Access::Out);
+    float* ga = ctx.array<float>(info[4], napi_float32_array, fn, "gradA", a.rank * groups, Access::Out, "rank*(in/g)");
+    float* gb = ctx.array<float>(info[5], napi_float32_array, fn, "gradB", a.out * a.rank, Access::Out, "out*rank");
     b.k->backward(a, x, dy, dx, ga, gb);
+    ctx.finish();
     return info.Env().Undefined();
   }
   static Napi::Value merge(const Napi::CallbackInfo& info) {
     const Bound& b = bound_of(info);
     const char* fn = b.name.c_str();
     expect_argc(info, 2, fn);
-    const LayerArgs a = layer_args(info[0], *b.k, fn);
-    void* beta_out = scales_arg(info[1], *b.k, fn, "betaOut", a.out * (a.in / b.k->group), "out*(in/g)");
+    CallContext ctx(b.mem);
+    const LayerArgs a = layer_args(ctx, info[0], *b.k, fn);
+    void* beta_out = scales_arg(ctx, info[1], *b.k, fn, "betaOut", a.out * (a.in / b.k->group), Access::Out, "out*(in/g)");
     b.k->merge(a, beta_out);
+    ctx.finish();
     return info.Env().Undefined();
   }
 };
 
 // kernels[backend] = { [id]: { quantize, dequantize, forward, backward, merge, bits, group } }. The Bound
 // records live as long as the process (an addon is never unloaded), hence the deliberate `new`.
-inline Napi::Object backend_table(Napi::Env env, const char* backend, const KernelFns* table, size_t n) {
+inline Napi::Object backend_table(Napi::Env env, const char* backend, const KernelFns* table, size_t n, const DeviceMemory* mem) {
   static const char* names[5] = {"quantize", "dequantize", "forward", "backward", "merge"};
   static Napi::Value (*const ops[5])(const Napi::CallbackInfo&) = {
       guarded<KernelWrappers::quantize>, guarded<KernelWrappers::dequantize>, guarded<KernelWrappers::forward>,
@@ -285,7 +209,7 @@ inline Napi::Object backend_table(Napi::Env env, const char* backend, const Kern
   for (size_t i = 0; i < n; i++) {
     Napi::Object set = Napi::Object::New(env);
     for (int j = 0; j < 5; j++) {
-      auto* bound = new Bound{&table[i], std::string(backend) + "." + table[i].id + "." + names[j]};
+      auto* bound = new Bound{&table[i], mem, std::string(backend) + "." + table[i].id + "." + names[j]};
       set.Set(names[j], Napi::Function::New(env, ops[j], names[j], bound));
     }
     set.Set("bits", Napi::Number::New(env, table[i].bits));

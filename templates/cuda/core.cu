@@ -1,8 +1,10 @@
 // Core (non-QA-LoRA) ops on the GPU: the same C++ signatures as qalora::core (templates/core/core_ops.h), in
-// namespace qalora::<backend>::core. Host pointers in; each entry point stages to the device, launches and copies
-// back, like host.cuh does for the layer kernels. Compiled by nvcc and, unchanged, by g++ under the emulator.
+// namespace qalora::<backend>::core. Device pointers in (backend-owned tensors, or host arrays the addon staged);
+// each entry point queues its launches and returns, like host.cuh does for the layer kernels. Only the
+// cross-entropy reads back (its return value is the loss). Compiled by nvcc and, unchanged, by g++ under the emulator.
 // Every op is deterministic: no float atomics, reductions in a fixed order.
 #include "runtime.cuh"
+#include "qalora_common.h"
 
 #include <vector>
 
@@ -323,13 +325,27 @@ __global__ void add_inplace_kernel(float* __restrict__ y, const float* __restric
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) y[i] += x[i];
 }
 
+// Storage casts through the scalar rules of qalora_common.h, the ones the CPU uses: bit for bit the same.
+template <bool BF16>
+__global__ void to_half_kernel(const float* __restrict__ x, uint16_t* __restrict__ y, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = BF16 ? qalora::f32_to_bf16(x[i]) : qalora::f32_to_f16(x[i]);
+}
+template <bool BF16>
+__global__ void from_half_kernel(const uint16_t* __restrict__ x, float* __restrict__ y, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = BF16 ? qalora::bf16_to_f32(x[i]) : qalora::f16_to_f32(x[i]);
+}
+
 // ---- Softmax cross-entropy: one block per row; per-row losses summed on the host in row order. ------------------
-__global__ void QL_LAUNCH_BOUNDS(256, 1) cross_entropy_kernel(const float* __restrict__ logits, const int32_t* __restrict__ targets,
-                                                              int64_t vocab, float scale, float* __restrict__ dlogits,
+__global__ void QL_LAUNCH_BOUNDS(256, 1) cross_entropy_kernel(const float* logits, const int32_t* __restrict__ targets,
+                                                              int64_t vocab, float scale, float* dlogits,
                                                               float* __restrict__ loss) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int32_t target = targets[row];
+  // dlogits may be logits (the model writes the gradient over the logits): every read of a row happens before
+  // the last block_reduce's barrier, every write after it; hence no __restrict__ on these two.
   const float* x = logits + row * vocab;
   float* g = dlogits ? dlogits + row * vocab : nullptr;
   if (target < 0 || target >= vocab) {  // ignored position: the whole block leaves together
@@ -364,53 +380,35 @@ inline unsigned grid_for(int64_t n) {
 void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b,
           bool accumulate) {
   if (m <= 0 || n <= 0) return;
-  ql::DeviceBuffer<float> da(a, m * k), db(b, k * n), dc(accumulate ? c : nullptr, m * n);
   QL_LAUNCH(kern::gemm_kernel, dim3(ql::ceil_div(n, kern::BN), ql::ceil_div(m, kern::BM)), kThreads, 0, 0)(
-      da.ptr, db.ptr, dc.ptr, m, n, k, trans_a, trans_b, accumulate);
+      a, b, c, m, n, k, trans_a, trans_b, accumulate);
   ql::launched("core::gemm_kernel");
-  ql::finish("core::gemm");
-  dc.to_host(c);
 }
 
 void embedding_forward(const float* table, const int32_t* ids, float* out, int64_t n, int64_t vocab, int64_t dim) {
   if (n <= 0 || dim <= 0) return;
-  ql::DeviceBuffer<float> dt(table, vocab * dim), dout(n * dim);
-  ql::DeviceBuffer<int32_t> di(ids, n);
   QL_LAUNCH(kern::embedding_forward_kernel, (unsigned)n, dim < kThreads ? 32 * (unsigned)ql::ceil_div(dim, 32) : kThreads, 0, 0)(
-      dt.ptr, di.ptr, dout.ptr, n, vocab, dim);
+      table, ids, out, n, vocab, dim);
   ql::launched("core::embedding_forward_kernel");
-  ql::finish("core::embedding_forward");
-  dout.to_host(out);
 }
 
 void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t n, int64_t vocab, int64_t dim) {
   if (n <= 0 || dim <= 0) return;
-  ql::DeviceBuffer<int32_t> di(ids, n);
-  ql::DeviceBuffer<float> dd(dout, n * dim), dt(dtable, vocab * dim);
-  QL_LAUNCH(kern::embedding_backward_kernel, ql::ceil_div(dim, kThreads), kThreads, 0, 0)(di.ptr, dd.ptr, dt.ptr, n, vocab, dim);
+  QL_LAUNCH(kern::embedding_backward_kernel, ql::ceil_div(dim, kThreads), kThreads, 0, 0)(ids, dout, dtable, n, vocab, dim);
   ql::launched("core::embedding_backward_kernel");
-  ql::finish("core::embedding_backward");
-  dt.to_host(dtable);
 }
 
 void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t dim, float eps) {
   if (rows <= 0) return;
-  ql::DeviceBuffer<float> dx(x, rows * dim), dw(w, dim), dy(rows * dim), dr(rows);
-  QL_LAUNCH(kern::rmsnorm_forward_kernel, (unsigned)rows, kThreads, 0, 0)(dx.ptr, dw.ptr, dy.ptr, dr.ptr, dim, eps);
+  QL_LAUNCH(kern::rmsnorm_forward_kernel, (unsigned)rows, kThreads, 0, 0)(x, w, y, rstd, dim, eps);
   ql::launched("core::rmsnorm_forward_kernel");
-  ql::finish("core::rmsnorm_forward");
-  dy.to_host(y);
-  dr.to_host(rstd);
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int64_t rows,
                       int64_t dim) {
   if (rows <= 0) return;
-  ql::DeviceBuffer<float> bx(x, rows * dim), bw(w, dim), br(rstd, rows), bdy(dy, rows * dim), bdx(rows * dim);
-  QL_LAUNCH(kern::rmsnorm_backward_kernel, (unsigned)rows, kThreads, 0, 0)(bx.ptr, bw.ptr, br.ptr, bdy.ptr, bdx.ptr, dim);
+  QL_LAUNCH(kern::rmsnorm_backward_kernel, (unsigned)rows, kThreads, 0, 0)(x, w, rstd, dy, dx, dim);
   ql::launched("core::rmsnorm_backward_kernel");
-  ql::finish("core::rmsnorm_backward");
-  bdx.to_host(dx);
 }
 
 namespace {
@@ -418,13 +416,9 @@ void rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t hea
           float sign) {
   const int64_t pairs = rows * heads * (head_dim / 2);
   if (pairs <= 0) return;
-  ql::DeviceBuffer<float> dx(x, rows * heads * head_dim);
-  ql::DeviceBuffer<int32_t> dp(pos, rows);
-  QL_LAUNCH(kern::rope_kernel, ql::ceil_div(pairs, kThreads), kThreads, 0, 0)(dx.ptr, dp.ptr, rows, heads, head_dim, theta,
+  QL_LAUNCH(kern::rope_kernel, ql::ceil_div(pairs, kThreads), kThreads, 0, 0)(x, pos, rows, heads, head_dim, theta,
                                                                              rotate_half, sign);
   ql::launched("core::rope_kernel");
-  ql::finish("core::rope");
-  dx.to_host(x);
 }
 
 kern::AttnShape attn_shape(int64_t batch, int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
@@ -453,14 +447,8 @@ void attention_forward(const float* q, const float* k, const float* v, float* ou
   const kern::AttnShape sh = attn_shape(batch, tq, tk, heads, kv_heads, head_dim);
   const int64_t tasks = batch * heads * tq;
   if (tasks <= 0) return;
-  ql::DeviceBuffer<float> dq(q, tasks * head_dim), dk(k, batch * tk * kv_heads * head_dim),
-      dv(v, batch * tk * kv_heads * head_dim), dout(tasks * head_dim), dl(tasks);
-  QL_LAUNCH(kern::attention_forward_kernel, ql::ceil_div(tasks, kern::kAttnWarps), kAttnThreads, 0, 0)(
-      dq.ptr, dk.ptr, dv.ptr, dout.ptr, dl.ptr, sh);
+  QL_LAUNCH(kern::attention_forward_kernel, ql::ceil_div(tasks, kern::kAttnWarps), kAttnThreads, 0, 0)(q, k, v, out, lse, sh);
   ql::launched("core::attention_forward_kernel");
-  ql::finish("core::attention_forward");
-  dout.to_host(out);
-  dl.to_host(lse);
 }
 
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
@@ -469,55 +457,40 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
   const kern::AttnShape sh = attn_shape(batch, tq, tk, heads, kv_heads, head_dim);
   const int64_t qn = batch * tq * heads, kn = batch * tk * kv_heads;
   if (qn <= 0 || kn <= 0) return;
-  ql::DeviceBuffer<float> bq(q, qn * head_dim), bk(k, kn * head_dim), bv(v, kn * head_dim), bo(out, qn * head_dim),
-      bl(lse, qn), bdo(dout, qn * head_dim), delta(qn), bdq(qn * head_dim), bdk(kn * head_dim), bdv(kn * head_dim);
-  QL_LAUNCH(kern::attention_delta_kernel, ql::ceil_div(qn, kern::kAttnWarps), kAttnThreads, 0, 0)(bo.ptr, bdo.ptr, delta.ptr,
+  ql::DeviceBuffer<float> delta(qn);
+  QL_LAUNCH(kern::attention_delta_kernel, ql::ceil_div(qn, kern::kAttnWarps), kAttnThreads, 0, 0)(out, dout, delta.ptr,
                                                                                                    qn, head_dim);
   ql::launched("core::attention_delta_kernel");
   QL_LAUNCH(kern::attention_dq_kernel, ql::ceil_div(qn, kern::kAttnWarps), kAttnThreads, 0, 0)(
-      bq.ptr, bk.ptr, bv.ptr, bl.ptr, bdo.ptr, delta.ptr, bdq.ptr, sh);
+      q, k, v, lse, dout, delta.ptr, dq, sh);
   ql::launched("core::attention_dq_kernel");
   QL_LAUNCH(kern::attention_dkv_kernel, ql::ceil_div(kn, kern::kAttnWarps), kAttnThreads, 0, 0)(
-      bq.ptr, bk.ptr, bv.ptr, bl.ptr, bdo.ptr, delta.ptr, bdk.ptr, bdv.ptr, sh);
+      q, k, v, lse, dout, delta.ptr, dk, dv, sh);
   ql::launched("core::attention_dkv_kernel");
-  ql::finish("core::attention_backward");
-  bdq.to_host(dq);
-  bdk.to_host(dk);
-  bdv.to_host(dv);
 }
 
 void swiglu_forward(const float* gate, const float* up, float* out, int64_t n) {
   if (n <= 0) return;
-  ql::DeviceBuffer<float> dg(gate, n), du(up, n), dout(n);
-  QL_LAUNCH(kern::swiglu_forward_kernel, grid_for(n), kThreads, 0, 0)(dg.ptr, du.ptr, dout.ptr, n);
+  QL_LAUNCH(kern::swiglu_forward_kernel, grid_for(n), kThreads, 0, 0)(gate, up, out, n);
   ql::launched("core::swiglu_forward_kernel");
-  ql::finish("core::swiglu_forward");
-  dout.to_host(out);
 }
 
 void swiglu_backward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) {
   if (n <= 0) return;
-  ql::DeviceBuffer<float> bg(gate, n), bu(up, n), bd(dout, n), bdg(n), bdu(n);
-  QL_LAUNCH(kern::swiglu_backward_kernel, grid_for(n), kThreads, 0, 0)(bg.ptr, bu.ptr, bd.ptr, bdg.ptr, bdu.ptr, n);
+  QL_LAUNCH(kern::swiglu_backward_kernel, grid_for(n), kThreads, 0, 0)(gate, up, dout, dgate, dup, n);
   ql::launched("core::swiglu_backward_kernel");
-  ql::finish("core::swiglu_backward");
-  bdg.to_host(dgate);
-  bdu.to_host(dup);
 }
 
 namespace {
+// The loss is the return value, so this op reads back: n per-row losses, summed on the host in row order (the
+// CPU's order). It is the one wait of a training chunk.
 double cross_entropy(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float scale, float* dlogits) {
   if (n <= 0) return 0.0;
-  ql::DeviceBuffer<float> dl(logits, n * vocab), loss(n);
-  ql::DeviceBuffer<float> dg(dlogits ? n * vocab : 0);
-  ql::DeviceBuffer<int32_t> dt(targets, n);
-  QL_LAUNCH(kern::cross_entropy_kernel, (unsigned)n, kThreads, 0, 0)(dl.ptr, dt.ptr, vocab, scale, dlogits ? dg.ptr : nullptr,
-                                                                     loss.ptr);
+  ql::DeviceBuffer<float> loss(n);
+  QL_LAUNCH(kern::cross_entropy_kernel, (unsigned)n, kThreads, 0, 0)(logits, targets, vocab, scale, dlogits, loss.ptr);
   ql::launched("core::cross_entropy_kernel");
-  ql::finish("core::cross_entropy");
-  if (dlogits) dg.to_host(dlogits);
   std::vector<float> rows(n);
-  loss.to_host(rows.data());
+  ql::check(cudaMemcpy(rows.data(), loss.ptr, n * sizeof(float), cudaMemcpyDeviceToHost), "core::cross_entropy readback");
   double total = 0.0;
   for (const float r : rows) total += r;
   return total;
@@ -534,11 +507,29 @@ double cross_entropy_backward(const float* logits, const int32_t* targets, int64
 
 void add_inplace(float* y, const float* x, int64_t n) {
   if (n <= 0) return;
-  ql::DeviceBuffer<float> dy(y, n), dx(x, n);
-  QL_LAUNCH(kern::add_inplace_kernel, grid_for(n), kThreads, 0, 0)(dy.ptr, dx.ptr, n);
+  QL_LAUNCH(kern::add_inplace_kernel, grid_for(n), kThreads, 0, 0)(y, x, n);
   ql::launched("core::add_inplace_kernel");
-  ql::finish("core::add_inplace");
-  dy.to_host(y);
+}
+
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+  if (n <= 0) return;
+  QL_LAUNCH(kern::to_half_kernel<false>, grid_for(n), kThreads, 0, 0)(x, y, n);
+  ql::launched("core::to_half_kernel<fp16>");
+}
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  if (n <= 0) return;
+  QL_LAUNCH(kern::from_half_kernel<false>, grid_for(n), kThreads, 0, 0)(x, y, n);
+  ql::launched("core::from_half_kernel<fp16>");
+}
+void f32_to_bf16(const float* x, uint16_t* y, int64_t n) {
+  if (n <= 0) return;
+  QL_LAUNCH(kern::to_half_kernel<true>, grid_for(n), kThreads, 0, 0)(x, y, n);
+  ql::launched("core::to_half_kernel<bf16>");
+}
+void bf16_to_f32(const uint16_t* x, float* y, int64_t n) {
+  if (n <= 0) return;
+  QL_LAUNCH(kern::from_half_kernel<true>, grid_for(n), kThreads, 0, 0)(x, y, n);
+  ql::launched("core::from_half_kernel<bf16>");
 }
 
 }  // namespace core

@@ -1,5 +1,6 @@
 // Host entry points (docs/ARCHITECTURE.md ABI), one template per operation instantiated by each
-// specialization: stage the host arrays to the device, launch, copy the results back.
+// specialization. Every pointer is device memory (a backend-owned tensor, or an array the addon staged);
+// launches are queued on the stream and nothing here waits for them: the caller syncs when it reads back.
 #pragma once
 
 namespace qalora {
@@ -28,49 +29,35 @@ template <class C>
 void quantize(const float* w, int64_t out, int64_t in, uint32_t* qweight, typename C::scale* alpha,
               typename C::scale* beta) {
   if (out <= 0 || in <= 0) return;
-  const int64_t L = in / C::group, wpr = words_per_row(in, C::bits);
-  ql::DeviceBuffer<float> dw(w, out * in);
-  ql::DeviceBuffer<typename C::scale> da(out * L), db(out * L);
-  ql::DeviceBuffer<uint32_t> dq(out * wpr);
+  const int64_t L = in / C::group;
   auto stats = kern::quantize_stats_kernel<C>;
-  QL_LAUNCH(stats, ql::ceil_div(out * L * 32, kAuxThreads), kAuxThreads, 0, 0)(dw.ptr, out, in, da.ptr, db.ptr);
+  QL_LAUNCH(stats, ql::ceil_div(out * L * 32, kAuxThreads), kAuxThreads, 0, 0)(w, out, in, alpha, beta);
   ql::launched("quantize_stats_kernel");
   auto pack = kern::pack_kernel<C>;
-  QL_LAUNCH(pack, ql::ceil_div(out * ((in + 31) / 32) * 32, kAuxThreads), kAuxThreads, 0, 0)(dw.ptr, out, in, da.ptr, db.ptr, dq.ptr);
+  QL_LAUNCH(pack, ql::ceil_div(out * ((in + 31) / 32) * 32, kAuxThreads), kAuxThreads, 0, 0)(w, out, in, alpha, beta, qweight);
   ql::launched("pack_kernel");
-  ql::finish("quantize");
-  dq.to_host(qweight);
-  da.to_host(alpha);
-  db.to_host(beta);
 }
 
 template <class C>
 void dequantize(const uint32_t* qweight, const typename C::scale* alpha, const typename C::scale* beta, int64_t out,
                 int64_t in, float* w) {
   if (out <= 0 || in <= 0) return;
-  const int64_t L = in / C::group;
-  ql::DeviceBuffer<uint32_t> dq(qweight, out * words_per_row(in, C::bits));
-  ql::DeviceBuffer<typename C::scale> da(alpha, out * L), db(beta, out * L);
-  ql::DeviceBuffer<float> dw(out * in);
   auto k = kern::dequantize_kernel<C>;
-  QL_LAUNCH(k, ql::ceil_div(out * in, kAuxThreads), kAuxThreads, 0, 0)(dq.ptr, da.ptr, db.ptr, out, in, dw.ptr);
+  QL_LAUNCH(k, ql::ceil_div(out * in, kAuxThreads), kAuxThreads, 0, 0)(qweight, alpha, beta, out, in, w);
   ql::launched("dequantize_kernel");
-  ql::finish("dequantize");
-  dw.to_host(w);
 }
 
-// The layer's weights and adapter on the device; S is the specialization's scale storage.
+// The layer's arrays as the kernels' parameter blocks take them; S is the specialization's scale storage.
 template <class S>
-struct DeviceLayer {
-  ql::DeviceBuffer<uint32_t> qweight;
-  ql::DeviceBuffer<S> alpha, beta;
-  ql::DeviceBuffer<float> lora_a, lora_b;
-  DeviceLayer(const LayerArgs& a, int bits, int64_t L, int rank)
-      : qweight(a.qweight, a.out * words_per_row(a.in, bits)),
-        alpha(static_cast<const S*>(a.alpha), a.out * L),
-        beta(static_cast<const S*>(a.beta), a.out * L),
-        lora_a(rank ? a.lora_a : nullptr, rank * L),
-        lora_b(rank ? a.lora_b : nullptr, a.out * rank) {}
+struct Weights {
+  const uint32_t* qweight;
+  const S* alpha;
+  const S* beta;
+  const float* lora_a;
+  const float* lora_b;
+  explicit Weights(const LayerArgs& a)
+      : qweight(a.qweight), alpha(static_cast<const S*>(a.alpha)), beta(static_cast<const S*>(a.beta)),
+        lora_a(a.rank > 0 ? a.lora_a : nullptr), lora_b(a.rank > 0 ? a.lora_b : nullptr) {}
 };
 
 template <class C, bool TRANS>
@@ -97,17 +84,18 @@ void forward(const LayerArgs& a, const void* x, void* y) {
   const int64_t L = a.in / C::group;
   const int rank = a.rank > 0 ? (int)a.rank : 0;
   const bool gemv = a.m <= C::gemv_max_rows;
-  DeviceLayer<typename C::scale> w(a, C::bits, L, rank);
-  ql::DeviceBuffer<act> dx(static_cast<const act*>(x), a.m * a.in), dy(a.m * a.out);
+  const Weights<typename C::scale> w(a);
+  const act* dx = static_cast<const act*>(x);
+  act* dy = static_cast<act*>(y);
   ql::DeviceBuffer<float> pooled(rank ? a.m * L : 0), h(a.m * rank);
   if (rank > 0) {
-    kern::PoolParams<act> pp{dx.ptr, w.lora_a.ptr, pooled.ptr, h.ptr, a.m, a.in, rank, a.pool_scale, dropout_of(a)};
+    kern::PoolParams<act> pp{dx, w.lora_a, pooled.ptr, h.ptr, a.m, a.in, rank, a.pool_scale, dropout_of(a)};
     auto k = kern::pool_kernel<C>;
     QL_LAUNCH(k, (unsigned)a.m, kAuxThreads, 0, 0)(pp);
     ql::launched("pool_kernel");
   }
   if (gemv) {
-    kern::GemvParams<act, typename C::scale> gp{dx.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, w.lora_b.ptr, h.ptr, dy.ptr,
+    kern::GemvParams<act, typename C::scale> gp{dx, w.qweight, w.alpha, w.beta, w.lora_b, h.ptr, dy,
                              a.m, a.in, a.out, rank, a.scale};
     if (a.m == 1) {
       launch_gemv<C, 1>(gp);
@@ -122,12 +110,10 @@ void forward(const LayerArgs& a, const void* x, void* y) {
       }
     }
   } else {
-    kern::GemmParams<act, typename C::scale> gp{dx.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, w.lora_b.ptr, h.ptr, nullptr, dy.ptr,
+    kern::GemmParams<act, typename C::scale> gp{dx, w.qweight, w.alpha, w.beta, w.lora_b, h.ptr, nullptr, dy,
                              a.m, a.in, a.out, rank, a.scale, dropout_of(a)};
     launch_gemm<C, false>(gp);
   }
-  ql::finish("forward");
-  dy.to_host(static_cast<act*>(y));
 }
 
 template <class C>
@@ -136,18 +122,19 @@ void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float
   if (a.m <= 0 || a.in <= 0) return;
   const int64_t L = a.in / C::group;
   const int rank = a.rank > 0 ? (int)a.rank : 0;
-  DeviceLayer<typename C::scale> w(a, C::bits, L, rank);
-  ql::DeviceBuffer<act> dxin(rank ? static_cast<const act*>(x) : nullptr, rank ? a.m * a.in : 0);
-  ql::DeviceBuffer<act> ddy(static_cast<const act*>(dy), a.m * a.out), ddx(a.m * a.in);
+  const Weights<typename C::scale> w(a);
+  const act* xin = static_cast<const act*>(x);
+  const act* ddy = static_cast<const act*>(dy);
+  act* ddx = static_cast<act*>(dx);
   ql::DeviceBuffer<float> pooled(a.m * L * (rank ? 1 : 0)), h(a.m * rank);
-  ql::DeviceBuffer<float> dh(a.m * rank), ga(rank * L), gb(a.out * rank), dpx(a.m * L * (rank ? 1 : 0));
+  ql::DeviceBuffer<float> dh(a.m * rank), dpx(a.m * L * (rank ? 1 : 0));
   const kern::DropoutArgs drop = dropout_of(a);
   if (rank > 0) {
-    kern::PoolParams<act> pp{dxin.ptr, w.lora_a.ptr, pooled.ptr, h.ptr, a.m, a.in, rank, a.pool_scale, drop};
+    kern::PoolParams<act> pp{xin, w.lora_a, pooled.ptr, h.ptr, a.m, a.in, rank, a.pool_scale, drop};
     auto pool = kern::pool_kernel<C>;
     QL_LAUNCH(pool, (unsigned)a.m, kAuxThreads, 0, 0)(pp);
     ql::launched("pool_kernel");
-    kern::LoraGradParams<act> lp{ddy.ptr, w.lora_a.ptr, w.lora_b.ptr, pooled.ptr, h.ptr, dh.ptr, dpx.ptr, a.m, a.in, a.out, L, rank, a.scale, a.pool_scale, drop};
+    kern::LoraGradParams<act> lp{ddy, w.lora_a, w.lora_b, pooled.ptr, h.ptr, dh.ptr, dpx.ptr, a.m, a.in, a.out, L, rank, a.scale, a.pool_scale, drop};
     auto k_dh = kern::lora_dh_kernel<C>;
     QL_LAUNCH(k_dh, (unsigned)a.m, kAuxThreads, 0, 0)(lp);
     ql::launched("lora_dh_kernel");
@@ -160,26 +147,20 @@ void backward(const LayerArgs& a, const void* x, const void* dy, void* dx, float
     auto k_gb = kern::lora_grad_b_kernel<C>;
     QL_LAUNCH(k_gb, dim3(ql::ceil_div(nb, kAuxThreads), chunks), kAuxThreads, 0, 0)(lp, ch);
     ql::launched("lora_grad_b_kernel");
-    QL_LAUNCH(reduce, ql::ceil_div(nb, kAuxThreads), kAuxThreads, 0, 0)(partial.ptr, chunks, nb, a.scale, gb.ptr);
+    QL_LAUNCH(reduce, ql::ceil_div(nb, kAuxThreads), kAuxThreads, 0, 0)(partial.ptr, chunks, nb, a.scale, grad_b);
     ql::launched("lora_reduce_kernel");
     auto k_ga = kern::lora_grad_a_kernel<C>;
     QL_LAUNCH(k_ga, dim3(ql::ceil_div(na, kAuxThreads), chunks), kAuxThreads, 0, 0)(lp, ch);
     ql::launched("lora_grad_a_kernel");
-    QL_LAUNCH(reduce, ql::ceil_div(na, kAuxThreads), kAuxThreads, 0, 0)(partial.ptr, chunks, na, 1.0f, ga.ptr);
+    QL_LAUNCH(reduce, ql::ceil_div(na, kAuxThreads), kAuxThreads, 0, 0)(partial.ptr, chunks, na, 1.0f, grad_a);
     ql::launched("lora_reduce_kernel");
     auto k_dp = kern::lora_dpx_kernel<C>;
     QL_LAUNCH(k_dp, ql::ceil_div(a.m * L, kAuxThreads), kAuxThreads, 0, 0)(lp);
     ql::launched("lora_dpx_kernel");
   }
-  kern::GemmParams<act, typename C::scale> gp{ddy.ptr, w.qweight.ptr, w.alpha.ptr, w.beta.ptr, nullptr, nullptr,
-                           rank ? dpx.ptr : nullptr, ddx.ptr, a.m, a.in, a.out, rank, a.scale, drop};
+  kern::GemmParams<act, typename C::scale> gp{ddy, w.qweight, w.alpha, w.beta, nullptr, nullptr,
+                           rank ? dpx.ptr : nullptr, ddx, a.m, a.in, a.out, rank, a.scale, drop};
   launch_gemm<C, true>(gp);
-  ql::finish("backward");
-  ddx.to_host(static_cast<act*>(dx));
-  if (rank) {
-    ga.to_host(grad_a);
-    gb.to_host(grad_b);
-  }
 }
 
 template <class C>
@@ -189,17 +170,13 @@ void merge(const LayerArgs& a, typename C::scale* beta_out) {
   const int64_t L = a.in / C::group;
   const int rank = a.rank > 0 ? (int)a.rank : 0;
   if (rank == 0) {
-    memcpy(beta_out, a.beta, sizeof(S) * a.out * L);
+    ql::copy_device(beta_out, a.beta, sizeof(S) * a.out * L);
     return;
   }
-  ql::DeviceBuffer<S> db(static_cast<const S*>(a.beta), a.out * L), dout(a.out * L);
-  ql::DeviceBuffer<float> da(a.lora_a, rank * L), dlb(a.lora_b, a.out * rank);
   auto k = kern::merge_kernel<C>;
-  QL_LAUNCH(k, ql::ceil_div(a.out * L, kAuxThreads), kAuxThreads, 0, 0)(db.ptr, da.ptr, dlb.ptr, a.out, L, rank,
-                                                                         a.scale * a.pool_scale, dout.ptr);
+  QL_LAUNCH(k, ql::ceil_div(a.out * L, kAuxThreads), kAuxThreads, 0, 0)(static_cast<const S*>(a.beta), a.lora_a, a.lora_b,
+                                                                         a.out, L, rank, a.scale * a.pool_scale, beta_out);
   ql::launched("merge_kernel");
-  ql::finish("merge");
-  dout.to_host(beta_out);
 }
 
 }  // namespace host

@@ -1,5 +1,5 @@
 // Host-side plumbing shared by every CUDA specialization: the launch/shared-memory macros (nvcc side; the
-// emulator's cuda_emu.h defines its own), device memory through RAII buffers, error checks, and the
+// emulator's cuda_emu.h defines its own), pooled device temporaries (pool.cuh), error checks, and the
 // activation-type traits the kernels are written against.
 #pragma once
 #include <cstddef>
@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #define QL_BACKEND_NS cuda
+#define QL_BACKEND_NAME "cuda"
 #define QL_LAUNCH(kernel, grid, block, smem_bytes, stream) kernel<<<(grid), (block), (smem_bytes), (stream)>>>
 #define QL_DYN_SMEM(type, name) extern __shared__ __align__(16) type name[]
 #define QL_UNROLL _Pragma("unroll")
@@ -28,8 +29,10 @@
 
 #define QL_DEV __device__ __forceinline__
 
+#include "pool.cuh"
+
 // One inline namespace per backend: the nvcc build and the emulator build of these inline helpers link into
-// one addon, and without it the linker would keep one copy of, say, ql::device_alloc<float> for both.
+// one addon, and without it the linker would keep one copy of, say, ql::DeviceBuffer<float> for both.
 namespace ql {
 inline namespace QL_BACKEND_NS {
 
@@ -37,47 +40,24 @@ inline void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("qalora CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
-template <class T>
-T* device_alloc(size_t n) {
-  void* p = nullptr;
-  if (n == 0) return nullptr;
-  check(cudaMalloc(&p, n * sizeof(T)), "cudaMalloc");
-  return static_cast<T*>(p);
-}
-inline void device_free(void* p) {
-  if (p) cudaFree(p);
-}
-template <class T>
-void copy_to_device(T* dst, const T* src, size_t n) {
-  if (n) check(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy to device");
-}
-template <class T>
-void copy_to_host(T* dst, const T* src, size_t n) {
-  if (n) check(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy to host");
-}
-
-// Owns one device allocation; entry points stage host arrays through these so an exception frees everything.
+// A temporary on the device for the length of one entry point: from the pool, back to it in stream order.
 template <class T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(size_t count) : ptr(device_alloc<T>(count)), n(count) {}
-  DeviceBuffer(const T* host, size_t count) : DeviceBuffer(count) {
-    if (host) copy_to_device(ptr, host, count);
-  }
-  ~DeviceBuffer() { device_free(ptr); }
+  explicit DeviceBuffer(size_t count) : ptr(static_cast<T*>(pool().get(count * sizeof(T)))), n(count) {}
+  ~DeviceBuffer() { pool().put(ptr, n * sizeof(T)); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void to_host(T* host) const {
-    if (host) copy_to_host(host, ptr, n);
-  }
 };
+
+// Device → device, queued on the stream.
+inline void copy_device(void* dst, const void* src, size_t bytes) {
+  if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0), "cudaMemcpyAsync device to device");
+}
 
 inline void launched(const char* kernel) {
   check(cudaGetLastError(), kernel);
-}
-inline void finish(const char* what) {
-  check(cudaDeviceSynchronize(), what);
 }
 
 template <class T>

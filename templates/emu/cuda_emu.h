@@ -89,6 +89,7 @@ constexpr int warpSize = 32;
 
 // The generator's portability macros (their nvcc definitions are in templates/cuda/runtime.cuh).
 #define QL_BACKEND_NS emu
+#define QL_BACKEND_NAME "emu"
 #define QL_LAUNCH(kernel, grid, block, smem_bytes, stream) \
   ::qlemu::make_launcher(kernel, grid, block, smem_bytes, stream, #kernel, __FILE__, __LINE__)
 #define QL_DYN_SMEM(type, name) type* const name = static_cast<type*>(::qlemu::dynamic_smem())

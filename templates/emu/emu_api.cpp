@@ -61,10 +61,9 @@ Memory& memory() {
   return *m;
 }
 
-void poison(void* p, size_t bytes) {
+void fill_freed(void* p, size_t bytes) {
   unsigned char* b = static_cast<unsigned char*>(p);
   for (size_t i = 0; i < bytes; i++) b[i] = kFreedPattern[i & 1];
-  QLEMU_POISON(p, bytes);
 }
 
 // Where [p, p + bytes) lies: in one live device block, partly past the end of one, or in host memory.
@@ -208,7 +207,8 @@ cudaError_t cudaFree(void* p) {
     const size_t bytes = it->second;
     m.live.erase(it);
     m.counters.frees++;
-    poison(p, bytes);
+    fill_freed(p, bytes);
+    QLEMU_POISON(p, bytes);
     m.quarantine.emplace_back(p, bytes);
     m.quarantined += bytes;
     while (m.quarantined > kQuarantineBytes) {
@@ -250,6 +250,7 @@ cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) { return cudaMemset(p, value, bytes); }
+void poison(void* p, size_t bytes) { fill_freed(p, bytes); }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   if (free_bytes) *free_bytes = (size_t)16 << 30;
   if (total_bytes) *total_bytes = (size_t)16 << 30;

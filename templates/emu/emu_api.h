@@ -29,6 +29,9 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
 cudaError_t cudaMemset(void* p, int value, size_t bytes);
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream = 0);
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
+// Fills [p, p + bytes) with the pattern freed device memory reads as (NaN in fp32, fp16 and bf16): cudaFree uses it,
+// and so does the caching pool (templates/cuda/pool.cuh) when a block comes back to it.
+void poison(void* p, size_t bytes);
 
 cudaError_t cudaDeviceSynchronize();
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
