@@ -5,13 +5,11 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, s
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
-import { createHash } from 'node:crypto';
-import { emitBindings, type BindingsInput } from './bindings.ts';
-import { EMU_COUNTERS } from './emu-counters.ts';
+import { emitBindings } from './bindings.ts';
 import { buildAddon, withBuildLock, type BuildOptions, type BuildResult } from './build.ts';
 import type { KernelPlan } from './ir.ts';
 import { buildManifest, type Manifest } from './manifest.ts';
-import { canonicalJson, compilerVersion, planSpec } from './plan.ts';
+import { compilerVersion, planSpec } from './plan.ts';
 import { renderSources, targetName, type RenderedFile, type RenderOptions } from './render.ts';
 
 export { planSpec, compilerVersion } from './plan.ts';

@@ -4,11 +4,13 @@
 // exact specialization ids.
 import { constants } from 'node:os';
 import { join } from 'node:path';
-import type { ResolvedSpec } from '../dsl/resolved.ts';
+import { createHash } from 'node:crypto';
+import type { ResolvedLayer, ResolvedSpec } from '../dsl/resolved.ts';
 import { DEFAULT_CUDA_ARCHS } from '../dsl/defaults.ts';
 import type { BuildOptions } from '../compiler/build.ts';
 import { compileAndBuild, defaultOutDir, generatedRoot } from '../compiler/index.ts';
-import type { KernelPlan } from '../compiler/ir.ts';
+import type { KernelPlan, SpecializationKey } from '../compiler/ir.ts';
+import { canonicalJson, compilerVersion, specializationId } from '../compiler/plan.ts';
 import type { Manifest } from '../compiler/manifest.ts';
 import type { RenderOptions } from '../compiler/render.ts';
 import type { BackendName } from './model/types.ts';
@@ -74,12 +76,47 @@ export async function loadKernels(spec: ResolvedSpec, opts: LoadOptions = {}): P
   };
 }
 
+/** What an addon is built for: the CPU, and CUDA (with the emulator) for these archs or not at all. */
+export type KernelTargets = ResolvedSpec['targets'];
+
 /**
- * The spec-less addon: core ops (matmul, norms, attention, …) for float models, no QA-LoRA kernels. With `gpu`,
- * also the cuda and emu backends' core ops and device memory (a float model run on a GPU backend).
+ * The hash a build of these specializations on these targets is cached under, as Triton keys its cache: the
+ * kernels depend on nothing else — not on a spec's name, its layers' shapes or the file it came from.
  */
-export async function loadCore(opts: Omit<LoadOptions, 'outDir'> & { gpu?: boolean } = {}): Promise<Addon> {
-  const name = opts.gpu ? '_core_gpu' : '_core';
-  const spec: ResolvedSpec = { name, file: '<core>', layers: [], targets: { cpu: true, cuda: opts.gpu ? { archs: [...DEFAULT_CUDA_ARCHS] } : null } };
-  return loadKernels(spec, { ...opts, outDir: join(generatedRoot, name) });
+export function kernelsKey(keys: SpecializationKey[], targets: KernelTargets): string {
+  const ids = [...new Set(keys.map(specializationId))].sort();
+  return createHash('sha256').update(canonicalJson({ ids, targets, compilerVersion })).digest('hex').slice(0, 16);
+}
+
+/** Where loadSpecializations builds: generated/cache/<kernelsKey>/. */
+export function kernelsDir(keys: SpecializationKey[], targets: KernelTargets): string {
+  return join(generatedRoot, 'cache', kernelsKey(keys, targets));
+}
+
+/**
+ * The addon holding these specializations (each once; layer i of its plan is named by its specialization id) on
+ * these targets, built on first use and shared by every caller that needs the same kernels.
+ */
+export async function loadSpecializations(keys: SpecializationKey[], targets: KernelTargets, opts: Omit<LoadOptions, 'outDir'> = {}): Promise<NativeKernels> {
+  const unique = [...new Map(keys.map((k) => [specializationId(k), k] as const)).entries()].sort(([a], [b]) => (a < b ? -1 : 1));
+  const spec: ResolvedSpec = {
+    name: `kernels_${kernelsKey(keys, targets)}`,
+    file: '<kernels>',
+    layers: unique.map(([id, k]) => ({ name: id, bits: k.bits, group: k.group, dtype: k.dtype, pool: k.pool, scales: k.scales, inFeatures: k.group, outFeatures: 1, rank: 1, alpha: 1, dropout: 0, count: 1 })),
+    targets,
+  };
+  return loadKernels(spec, { ...opts, outDir: kernelsDir(keys, targets) });
+}
+
+/** The specialization a spec's layer runs. */
+export function keyOf(l: ResolvedLayer): SpecializationKey {
+  return { bits: l.bits, group: l.group, dtype: l.dtype, pool: l.pool, scales: l.scales ?? 'fp32' };
+}
+
+/**
+ * The addon without QA-LoRA kernels: core ops (matmul, norms, attention, …) for float models. With `gpu`, also
+ * the cuda and emu backends' core ops and device memory (a float model run on a GPU backend).
+ */
+export async function loadCore(opts: Omit<LoadOptions, 'outDir'> & { gpu?: boolean } = {}): Promise<NativeKernels> {
+  return loadSpecializations([], { cpu: true, cuda: opts.gpu ? { archs: [...DEFAULT_CUDA_ARCHS] } : null }, opts);
 }

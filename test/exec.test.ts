@@ -212,7 +212,7 @@ describe('qalora exec on the cpu backend vs the reference', () => {
     expect((await inline('--in-features', '64', '--bits', '4', '--group', '32', '--rank', '1', '--alpha', '1', '--dtype', 'fp32')).error).toMatch(/--out-features is required/);
   });
 
-  it('runs an inline layer (compiled on demand into generated/inline-<hash>/) like the same layer of a spec', async () => {
+  it('runs an inline layer (compiled on demand into generated/cache/<key>/) like the same layer of a spec', async () => {
     const l = LAYERS[0];
     const w = randoms(l.outFeatures * l.inFeatures, 7, 0.2);
     writeSafetensors(io('inline-w'), { w: tensorOf('F32', [l.outFeatures, l.inFeatures], w) });

@@ -7,8 +7,8 @@ import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSpecOrFail } from '../compiler/spec-file.ts';
-import { generatedRoot } from '../compiler/index.ts';
-import { loadNativeOps, specForBackend } from '../runtime/model/native-ops.ts';
+import { loadNativeOps } from '../runtime/model/native-ops.ts';
+import { keyOf, kernelsDir } from '../runtime/native.ts';
 import { repoRoot } from './fixtures.ts';
 
 const root = mkdtempSync(join(tmpdir(), 'qalora-clone-')); // holds the copy and nothing else: no shared/
@@ -33,9 +33,9 @@ async function seedBuildCache(): Promise<void> {
   const spec = loadSpecOrFail(join(repoRoot, 'specs/stories260k.qal'));
   await loadNativeOps(spec, 'cpu');
   await loadNativeOps(undefined, 'cpu');
-  for (const name of [specForBackend(spec, 'cpu').name, '_core']) {
-    const from = join(generatedRoot, name);
-    cpSync(from, join(clone, 'generated', name), { recursive: true, filter: (p) => keepOfBuild(relative(from, p)) });
+  const cpuOnly = { cpu: true, cuda: null };
+  for (const from of [kernelsDir(spec.layers.map(keyOf), cpuOnly), kernelsDir([], cpuOnly)]) {
+    cpSync(from, join(clone, relative(repoRoot, from)), { recursive: true, filter: (p) => keepOfBuild(relative(from, p)) });
   }
 }
 

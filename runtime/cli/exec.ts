@@ -1,17 +1,15 @@
 // `qalora exec`: run one kernel on tensors from a safetensors file and write the results to another, so anyone
 // can check a kernel against their own reference. The layer comes from a spec (`SPEC --layer NAME`) or from
-// inline flags; an inline layer is compiled on demand into generated/inline-<hash>/ and cached there.
+// inline flags; an inline layer's specialization is compiled on demand into generated/cache/<key>/ and cached there.
 import type { Command } from 'commander';
-import { createHash } from 'node:crypto';
-import { join } from 'node:path';
-import { generatedRoot } from '../../compiler/index.ts';
-import { canonicalJson } from '../../compiler/plan.ts';
+import { specializationId } from '../../compiler/plan.ts';
+import { DEFAULT_CUDA_ARCHS } from '../../dsl/defaults.ts';
 import { loadSpecOrFail } from '../../compiler/spec-file.ts';
 import { formatTable } from '../../compiler/table.ts';
 import { poolScale, type ActDType, type Bits, type Pool, type ResolvedSpec } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
 import type { BackendName } from '../model/types.ts';
-import { loadKernels, type KernelSet, type HostArgs, type LayerCallArgs } from '../native.ts';
+import { loadKernels, loadSpecializations, type KernelSet, type HostArgs, type LayerCallArgs } from '../native.ts';
 import { readSafetensors, tensorOf, writeSafetensors, type SafeDType, type SafeTensor } from '../safetensors.ts';
 
 export const OPS = ['quantize', 'forward', 'backward', 'merge'] as const;
@@ -160,19 +158,6 @@ export function runOp(req: ExecRequest): Record<string, SafeTensor> {
   };
 }
 
-/** An inline layer's spec holds only the specialization key (sizes are runtime arguments), so every layer with
- * the same bits/group/dtype/pool shares one cached build whatever its shape. */
-export function inlineSpec(l: ExecLayer, backend: BackendName): ResolvedSpec {
-  const key = { bits: l.bits, group: l.group, dtype: l.dtype, pool: l.pool, cuda: backend !== 'cpu' };
-  const hash = createHash('sha256').update(canonicalJson(key)).digest('hex').slice(0, 12);
-  return {
-    name: `inline-${hash}`,
-    file: '<inline>',
-    layers: [{ name: 'layer', bits: l.bits, group: l.group, dtype: l.dtype, pool: l.pool, scales: 'fp32', inFeatures: l.group, outFeatures: 1, rank: 1, alpha: 1, dropout: 0, count: 1 }],
-    targets: { cpu: true, cuda: backend === 'cpu' ? null : { archs: ['sm_80', 'sm_90'] } },
-  };
-}
-
 interface ExecFlags {
   op?: string;
   backend: string;
@@ -259,10 +244,9 @@ export function register(program: Command): void {
       const seed = Number(o.seed);
       if (!Number.isSafeInteger(seed) || seed < 0) fail(`--seed must be a non-negative integer, got '${o.seed}'`);
 
-      let spec: ResolvedSpec;
+      let spec: ResolvedSpec | undefined;
       let layer: ExecLayer;
       let layerName: string;
-      let outDir: string | undefined;
       if (specPath) {
         if (!o.layer) fail('SPEC needs --layer NAME');
         spec = loadSpecOrFail(specPath);
@@ -275,22 +259,24 @@ export function register(program: Command): void {
       } else {
         if (o.layer) fail('--layer needs a SPEC file');
         layer = inlineLayer(o);
-        spec = inlineSpec(layer, backend);
-        layerName = 'layer';
-        outDir = join(generatedRoot, spec.name);
+        // The build holds the layer's specialization only (sizes are runtime arguments), so every inline layer
+        // with the same bits/group/dtype/pool shares it, whatever its shape; its layer is named by the id.
+        layerName = specializationId({ ...layer, scales: 'fp32' });
       }
       const input = readSafetensors(o.in);
 
       let announced = false;
-      const native = await loadKernels(spec, {
-        outDir,
+      const build = {
         noCuda: backend !== 'cuda',
-        onOutput: (line) => {
-          if (!announced) process.stderr.write(`building kernels for ${spec.name} (first use; cached afterwards)…\n`);
+        onOutput: (line: string) => {
+          if (!announced) process.stderr.write(`building kernels for ${spec?.name ?? layerName} (first use; cached afterwards)…\n`);
           announced = true;
           if (/^\[\d+\/\d+\]/.test(line)) process.stderr.write(`  ${line}\n`);
         },
-      });
+      };
+      const native = spec
+        ? await loadKernels(spec, build)
+        : await loadSpecializations([{ ...layer, scales: 'fp32' }], { cpu: true, cuda: backend === 'cpu' ? null : { archs: [...DEFAULT_CUDA_ARCHS] } }, build);
       if (backend === 'cuda' && !native.cudaStatus().startsWith('ok'))
         fail(`backend cuda is not usable here: ${native.cudaStatus()}`);
       if (!native.backends().includes(backend))

@@ -7,7 +7,7 @@
 import { QaloraError } from '../errors.ts';
 import { GgmlType, GgufValueType as T, serializeGguf, writeGguf, type GgufWriteKV, type GgufWriteTensor } from '../formats/gguf.ts';
 import { GGUF_PROJECTION } from '../formats/gguf-llama.ts';
-import type { Linear, LlamaWeights, ProjectionName, QuantLinear, TokenTable } from '../model/types.ts';
+import type { LlamaWeights, ProjectionName, QuantLinear, TokenTable } from '../model/types.ts';
 import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
 import { denseWeight } from '../model/dense.ts';
 import { scaleValues } from '../model/scales.ts';

@@ -2,6 +2,7 @@
 // on a GPU backend the memory the model's tensors live in. Their types are runtime/native-api.ts, emitted from
 // the descriptors the addon is rendered from; runtime/native.ts builds and loads the addon.
 import type { ActDType, Pool, ResolvedSpec, ScaleDType } from '../../dsl/resolved.ts';
+import { DEFAULT_CUDA_ARCHS } from '../../dsl/defaults.ts';
 import { specializationId as planSpecializationId } from '../../compiler/plan.ts';
 import type { BackendName } from './types.ts';
 import { QaloraError } from '../errors.ts';
@@ -27,11 +28,15 @@ export function specializationId(s: { bits: number; group: number; dtype: ActDTy
   return planSpecializationId({ ...s, bits: s.bits as 2 | 3 | 4 | 8, scales: s.scales ?? 'fp32' });
 }
 
-/** Loads (building if needed) the addon for a spec, or the spec-less core addon for a float model. */
+/**
+ * Loads (building if needed) the addon with the specializations of a spec's layers for the backend, or without any
+ * for a float model: a CPU run builds no CUDA (minutes on a small machine), a GPU run adds the spec's archs.
+ */
 export async function loadNativeOps(spec: ResolvedSpec | undefined, backend: BackendName): Promise<NativeOps> {
   const native = await import('../native.ts');
   const gpu = backend !== 'cpu';
-  const addon: Addon = spec ? await native.loadKernels(specForBackend(spec, backend)) : await native.loadCore({ gpu });
+  const targets = { cpu: true, cuda: gpu ? { archs: spec?.targets.cuda?.archs ?? [...DEFAULT_CUDA_ARCHS] } : null };
+  const addon: Addon = await native.loadSpecializations((spec?.layers ?? []).map(native.keyOf), targets);
   if (!spec && !gpu) return { core: addon.core, kernels: {}, backend };
   const available = addon.backends();
   const table = addon.kernels[backend];
@@ -49,14 +54,4 @@ export async function loadNativeOps(spec: ResolvedSpec | undefined, backend: Bac
 export function coreFor(addon: Pick<Addon, 'core' | 'coreOn'>, backend: BackendName): CoreOps {
   const own = backend === 'cpu' ? undefined : addon.coreOn[backend];
   return own ? { ...addon.core, ...own } : addon.core;
-}
-
-/**
- * The spec reduced to what the backend needs (LlamaModel.create applies it): a CPU run does not build the CUDA
- * and emulated backends (minutes on a small machine). It gets its own name, so its build is cached beside the
- * full one, not over it.
- */
-export function specForBackend(spec: ResolvedSpec, backend: BackendName): ResolvedSpec {
-  if (backend !== 'cpu' || !spec.targets.cuda) return spec;
-  return { ...spec, name: `${spec.name}_cpu`, targets: { cpu: true, cuda: null } };
 }

@@ -9,7 +9,6 @@ import { isQuantizedBase, loadQuantizedBase } from './basefile.ts';
 import type { AdapterSet, BackendName, LlamaWeights, LoadedLinear } from './types.ts';
 import { checkAdapters } from './adapters.ts';
 
-export { specForBackend } from './native-ops.ts';
 
 export interface OpenOptions {
   model: string;

@@ -189,8 +189,7 @@ function nativeSpec(spec: ResolvedSpec | undefined, w: LlamaWeights<LoadedLinear
   if (w.classifier !== w.tokEmbedding) add('classifier', w.classifier);
   if (tables.length === 0) return spec;
   const base: ResolvedSpec = spec ?? { name: 'tables', file: '<token tables>', layers: [], targets: { cpu: true, cuda: null } };
-  const key = createHash('sha256').update(JSON.stringify(tables.map((t) => specializationId(t)))).digest('hex').slice(0, 8);
-  return { ...base, name: `${base.name}_t${key}`, layers: [...base.layers, ...tables] };
+  return { ...base, layers: [...base.layers, ...tables] };
 }
 
 function checkConfig(w: LlamaWeights<LoadedLinear>): void {
