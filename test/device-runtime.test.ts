@@ -20,10 +20,9 @@ import { fixture, needs, repoRoot } from './fixtures.ts';
 type Counters = () => EmuCounters;
 type Reset = () => void;
 
+/** The counters of the addon the model runs (loadNativeOps loads each build once). */
 async function emuCounters(spec?: Parameters<typeof loadNativeOps>[0]): Promise<{ counters: Counters; reset: Reset }> {
-  // loadNativeOps caches the addon: these are the counters of the same library the model runs.
-  const native = await import('../runtime/native.ts');
-  const addon = spec ? await native.loadKernels(spec) : await native.loadCore({ gpu: true });
+  const { addon } = await loadNativeOps(spec, 'emu');
   return { counters: addon.emuCounters!, reset: addon.emuResetCounters! };
 }
 

@@ -1,11 +1,16 @@
 // GPU benchmark of the emitted kernels on LLaMA-7B layer shapes, run by bench/gpu-check.sh on a machine with a
-// GPU. Includes the rendered kernels.cu of one spec (QL_SPEC = its specialization id) and launches the kernels on
-// device-resident data (no host staging), against two yardsticks measured in the same run: device-to-device copy
+// GPU. Includes the rendered kernels.cu of one spec (QL_SPEC = its specialization id) and calls its entry points
+// (forward, backward: what the runtime calls through the addon) on device-resident data, with weight copies
+// rotated so they come from DRAM, against two yardsticks measured in the same run: device-to-device copy
 // bandwidth and a cuBLAS GEMM of the same shape (unless built with QL_NO_CUBLAS).
 // Output: one line per measurement on stdout (format in bench/README.md) and a JSON file (argv[1]).
 #include "cuda/kernels.cu"
+#include "cuda/memory.cu"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -17,8 +22,6 @@
 #error "define QL_SPEC as the specialization id, e.g. -DQL_SPEC=b4_g32_fp16_mean"
 #endif
 
-namespace kern = qalora::cuda::kern;
-namespace host = qalora::cuda::host;
 using Cfg = qalora::cuda::QL_SPEC::Config;
 using act = Cfg::act;
 
@@ -79,6 +82,22 @@ static void fill(T* p, size_t n, uint64_t seed, float scale, float offset = 0.0f
   CHECK(cudaGetLastError());
 }
 
+// One copy of a layer's base weights (q, α, β) on the device, filled with random values.
+struct Weights {
+  ql::DeviceBuffer<uint32_t> q;
+  ql::DeviceBuffer<Cfg::scale> alpha, beta;
+  Weights(int64_t out, int64_t wpr, int64_t L, uint64_t seed) : q(out * wpr), alpha(out * L), beta(out * L) {
+    fill_u32<<<1024, 256>>>(q.ptr, q.n, seed + 1);
+    fill_scales(alpha.ptr, alpha.n, seed + 2, 0.001f, 0.002f);
+    fill_scales(beta.ptr, beta.n, seed + 3, 0.01f, 0.0f);
+  }
+  template <class S>
+  static void fill_scales(S* p, size_t n, uint64_t seed, float scale, float offset) {
+    if constexpr (std::is_same<S, float>::value) fill_real<float><<<1024, 256>>>(p, n, seed, scale, offset);
+    else fill_real<__half><<<1024, 256>>>(reinterpret_cast<__half*>(p), n, seed, scale, offset);  // fp16 bits
+  }
+};
+
 int main(int argc, char** argv) {
   const char* json = argc > 1 ? argv[1] : "bench.json";
   const std::string status = qalora::cuda::status();
@@ -115,38 +134,40 @@ int main(int argc, char** argv) {
   const int64_t gemm_rows[] = {512, 4096};
   for (const Shape& s : shapes) {
     const int64_t L = s.in / Cfg::group, wpr = qalora::words_per_row(s.in, Cfg::bits), mmax = 4096;
-    ql::DeviceBuffer<uint32_t> qw(s.out * wpr);
-    ql::DeviceBuffer<float> alpha(s.out * L), beta(s.out * L), la(rank * L), lb(s.out * rank);
+    // Copies of the weights, rotated call by call, together at least 4× the L2 cache: every timed call reads its
+    // weights from DRAM, as a model's layers do one after the other.
+    const double weight_bytes = (double)s.out * wpr * 4 + 2.0 * s.out * L * sizeof(Cfg::scale);
+    const int copies = std::max(2, (int)std::ceil(4.0 * prop.l2CacheSize / weight_bytes));
+    std::vector<std::unique_ptr<Weights>> w;
+    for (int c = 0; c < copies; c++) w.emplace_back(new Weights(s.out, wpr, L, 10 * c));
+    ql::DeviceBuffer<float> la(rank * L), lb(s.out * rank), ga(rank * L), gb(s.out * rank);
     ql::DeviceBuffer<act> x(mmax * s.in), y(mmax * s.out), dy(mmax * s.out), dx(mmax * s.in), wdense(s.out * s.in);
-    ql::DeviceBuffer<float> pooled(mmax * L), h(mmax * rank), dpx(mmax * L);
-    fill_u32<<<1024, 256>>>(qw.ptr, qw.n, 1);
-    fill(alpha.ptr, alpha.n, 2, 0.001f, 0.002f);
-    fill(beta.ptr, beta.n, 3, 0.01f);
     fill(la.ptr, la.n, 4, 0.05f);
     fill(lb.ptr, lb.n, 5, 0.05f);
     fill(x.ptr, x.n, 6, 1.0f);
     fill(dy.ptr, dy.n, 7, 1.0f);
     fill(wdense.ptr, wdense.n, 8, 0.02f);
     CHECK(cudaDeviceSynchronize());
-    const kern::DropoutArgs nodrop{0.0f, 1.0f, 0, 0};
-    const double weight_bytes = (double)qw.n * 4 + 2.0 * alpha.n * 4 + (double)lb.n * 4;
-
-    auto pool = [&](int64_t m) {
-      kern::PoolParams<act> pp{x.ptr, la.ptr, pooled.ptr, h.ptr, m, s.in, rank, 1.0f / Cfg::group, nodrop};
-      kern::pool_kernel<Cfg><<<(unsigned)m, host::kAuxThreads>>>(pp);
+    // The runtime's own entry points (kernels.cu: the model calls these through the addon with device tensors).
+    int turn = 0;
+    auto args = [&](int64_t m, int r) {
+      const Weights& c = *w[turn++ % copies];
+      qalora::LayerArgs a{};
+      a.qweight = c.q.ptr;
+      a.alpha = c.alpha.ptr;
+      a.beta = c.beta.ptr;
+      a.lora_a = la.ptr;
+      a.lora_b = lb.ptr;
+      a.m = m, a.in = s.in, a.out = s.out, a.rank = r, a.scale = 0.25f, a.pool_scale = 1.0f / Cfg::group;
+      return a;
     };
-    // Decode: the whole forward at M = 1 and M = 8, with the rank-64 adapter (pool + GEMV) and merged (rank 0:
-    // the GEMV alone); bandwidth-bound, so GB/s against the copy bandwidth.
+    // Decode: forward at M = 1 and M = 8, with the rank-64 adapter and merged (rank 0); bandwidth-bound, so GB/s
+    // against the copy bandwidth.
     for (int merged = 0; merged < 2; merged++) {
       for (int64_t m : {(int64_t)1, (int64_t)8}) {
         const int r = merged ? 0 : rank;
-        kern::GemvParams<act> gp{x.ptr, qw.ptr, alpha.ptr, beta.ptr, lb.ptr, h.ptr, y.ptr, m, s.in, s.out, r, 0.25f};
-        const double ms = ev.time([&] {
-          if (!merged) pool(m);
-          if (m == 1) host::launch_gemv<Cfg, 1>(gp);
-          else host::launch_gemv<Cfg, host::kGemvRows>(gp);
-        }, 50);
-        const double bytes = weight_bytes - (merged ? (double)lb.n * 4 : 0.0) + (double)m * (s.in + s.out) * sizeof(act);
+        const double ms = ev.time([&] { qalora::cuda::QL_SPEC::forward(args(m, r), x.ptr, y.ptr); }, 50);
+        const double bytes = weight_bytes + (merged ? 0.0 : (double)lb.n * 4) + (double)m * (s.in + s.out) * sizeof(act);
         report({merged ? "forward_gemv_merged" : "forward_gemv", s.name, m, ms, bytes / (ms * 1e-3) / 1e9,
                 2.0 * m * s.in * s.out / (ms * 1e-3) / 1e12, bytes / (ms * 1e-3) / 1e9 / copy_gbps, "copy"});
       }
@@ -165,14 +186,16 @@ int main(int argc, char** argv) {
         report({"cublas_gemm", s.name, m, ms, 0, blas_tflops, 1.0, "cublas"});
       }
 #endif
-      kern::GemmParams<act> fp{x.ptr, qw.ptr, alpha.ptr, beta.ptr, lb.ptr, h.ptr, nullptr, y.ptr, m, s.in, s.out, rank, 0.25f, nodrop};
-      double ms = ev.time([&] { pool(m); host::launch_gemm<Cfg, false>(fp); }, 10);
-      double tf = 2.0 * m * s.in * s.out / (ms * 1e-3) / 1e12;
-      report({"forward_gemm", s.name, m, ms, 0, tf, blas_tflops > 0 ? tf / blas_tflops : 0, blas_tflops > 0 ? "cublas" : "none"});
-      kern::GemmParams<act> bp{dy.ptr, qw.ptr, alpha.ptr, beta.ptr, nullptr, nullptr, dpx.ptr, dx.ptr, m, s.in, s.out, rank, 0.25f, nodrop};
-      ms = ev.time([&] { host::launch_gemm<Cfg, true>(bp); }, 10);
-      tf = 2.0 * m * s.in * s.out / (ms * 1e-3) / 1e12;
-      report({"backward_dx", s.name, m, ms, 0, tf, blas_tflops > 0 ? tf / blas_tflops : 0, blas_tflops > 0 ? "cublas" : "none"});
+      const double flop = 2.0 * m * s.in * s.out;
+      auto vs = [&](double tf) { return blas_tflops > 0 ? tf / blas_tflops : 0; };
+      const char* of = blas_tflops > 0 ? "cublas" : "none";
+      double ms = ev.time([&] { qalora::cuda::QL_SPEC::forward(args(m, rank), x.ptr, y.ptr); }, 10);
+      report({"forward_gemm", s.name, m, ms, 0, flop / (ms * 1e-3) / 1e12, vs(flop / (ms * 1e-3) / 1e12), of});
+      // dx alone (rank 0), the GEMM cuBLAS is compared with; then the whole backward with the adapter's dA, dB.
+      ms = ev.time([&] { qalora::cuda::QL_SPEC::backward(args(m, 0), x.ptr, dy.ptr, dx.ptr, nullptr, nullptr); }, 10);
+      report({"backward_dx", s.name, m, ms, 0, flop / (ms * 1e-3) / 1e12, vs(flop / (ms * 1e-3) / 1e12), of});
+      ms = ev.time([&] { qalora::cuda::QL_SPEC::backward(args(m, rank), x.ptr, dy.ptr, dx.ptr, ga.ptr, gb.ptr); }, 10);
+      report({"backward_lora", s.name, m, ms, 0, flop / (ms * 1e-3) / 1e12, vs(flop / (ms * 1e-3) / 1e12), of});
     }
   }
   FILE* f = fopen(json, "w");

@@ -21,6 +21,8 @@ export interface NativeOps {
   backend: BackendName;
   /** The backend's memory, on cuda and emu: the model keeps its tensors there. */
   device?: DeviceApi;
+  /** The addon all of this comes from (its emulator counters, its build). */
+  addon: Addon;
 }
 
 /** 'b4_g32_fp16_mean' — the plan's id of a (bits, group, dtype, pool, scales) specialization (compiler/plan.ts). */
@@ -37,7 +39,7 @@ export async function loadNativeOps(spec: ResolvedSpec | undefined, backend: Bac
   const gpu = backend !== 'cpu';
   const targets = { cpu: true, cuda: gpu ? { archs: spec?.targets.cuda?.archs ?? [...DEFAULT_CUDA_ARCHS] } : null };
   const addon: Addon = await native.loadSpecializations((spec?.layers ?? []).map(native.keyOf), targets);
-  if (!spec && !gpu) return { core: addon.core, kernels: {}, backend };
+  if (!spec && !gpu) return { core: addon.core, kernels: {}, backend, addon };
   const available = addon.backends();
   const table = addon.kernels[backend];
   if (!table || !available.includes(backend)) {
@@ -47,7 +49,7 @@ export async function loadNativeOps(spec: ResolvedSpec | undefined, backend: Bac
   if (backend === 'cuda' && !addon.cudaStatus().startsWith('ok')) {
     throw new QaloraError(`backend 'cuda' is not usable: ${addon.cudaStatus()}`);
   }
-  return { core: coreFor(addon, backend), kernels: table, backend, device: gpu ? addon.device[backend] : undefined };
+  return { core: coreFor(addon, backend), kernels: table, backend, device: gpu ? addon.device[backend] : undefined, addon };
 }
 
 /** The one switch: a GPU backend's core ops where it has them, the CPU's for the rest. */
