@@ -115,8 +115,10 @@ describe('GPU core ops on the emulator match the CPU core ops', () => {
     }
   });
 
-  it('attention forward and backward: GQA, tq < tk, head dims below and above a warp', () => {
-    for (const [batch, tq, tk, heads, kvHeads, headDim] of [[2, 5, 7, 4, 2, 12], [1, 3, 3, 2, 1, 40], [1, 1, 6, 3, 3, 8]]) {
+  it('attention forward and backward: GQA, tq < tk, head dims below and above a warp, key tiles, split-K decode', () => {
+    // [1, 1, 300, …]: decode over a long cache, its keys split across blocks and merged; [1, 20, 70, …]: several
+    // query blocks and key tiles; head dim 200: more than 48 KB of shared memory (the opt-in launch).
+    for (const [batch, tq, tk, heads, kvHeads, headDim] of [[2, 5, 7, 4, 2, 12], [1, 3, 3, 2, 1, 40], [1, 1, 6, 3, 3, 8], [1, 1, 300, 3, 1, 16], [2, 20, 70, 2, 2, 24], [1, 9, 40, 2, 1, 200]]) {
       const qn = batch * tq * heads * headDim, kn = batch * tk * kvHeads * headDim, what = `attention b${batch} tq${tq} tk${tk} h${heads}/${kvHeads} d${headDim}`;
       const q = rand(qn, 8, 1.5), k = rand(kn, 9, 1.5), v = rand(kn, 10);
       const [ef, cf] = both(() => [new Float32Array(qn), new Float32Array(batch * tq * heads)] as const,

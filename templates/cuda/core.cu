@@ -6,6 +6,7 @@
 #include "runtime.cuh"
 #include "qalora_common.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace qalora {
@@ -187,36 +188,145 @@ QL_DEV float dot_row(const float (&r)[kMaxPerLane], const float* p, int64_t hd, 
   return warp_sum(d);
 }
 
-__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
-                                                                  const float* __restrict__ v, float* __restrict__ out,
-                                                                  float* __restrict__ lse, AttnShape sh) {
+// Forward in the FlashAttention style: a block takes kFlashQueries query rows of one (batch, head) and walks the
+// keys they see in tiles of kFlashKeys, staged with V in shared memory and shared by all its rows; each row keeps
+// a running max, sum and output (online softmax), so no score matrix exists. Scoring gives one key to each lane
+// (K rows padded by one float: lane j reads row j without bank conflicts); the output gives each lane head dims
+// lane, lane + 32, …, with the probabilities broadcast by shuffles. Decode (few rows, long caches) splits the keys
+// across blocks as well (split-K): each split writes its unnormalized output and (max, sum), and
+// attention_combine_kernel merges them.
+constexpr int kFlashWarps = 4, kFlashRowsPerWarp = 2, kFlashQueries = kFlashWarps * kFlashRowsPerWarp, kFlashKeys = 32;
+
+struct FlashParams {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  float* lse;
+  float* part_o;   // [splits, rows, head_dim] when splits > 1 (rows = batch·tq·heads)
+  float* part_ml;  // [splits, rows, 2]: max and sum
+  AttnShape sh;
+  int64_t splits, keys_per_split;
+};
+
+QL_DEV float q_at(const FlashParams& p, int64_t b, int64_t t, int64_t h, int64_t d) {
+  return p.q[(b * p.sh.tq + t) * p.sh.heads * p.sh.head_dim + h * p.sh.head_dim + d];
+}
+
+inline size_t flash_smem_bytes(int64_t hd) { return (size_t)(kFlashQueries * hd + kFlashKeys * (hd + 1) + kFlashKeys * hd) * sizeof(float); }
+
+__global__ void QL_LAUNCH_BOUNDS(kFlashWarps * 32, 2) attention_forward_kernel(FlashParams p) {
+  QL_DYN_SMEM(float, smem);
+  const AttnShape& sh = p.sh;
+  const int64_t hd = sh.head_dim, kstride = hd + 1;
+  float* qs = smem;                       // [kFlashQueries][hd], pre-scaled
+  float* ks = qs + kFlashQueries * hd;    // [kFlashKeys][hd + 1]
+  float* vs = ks + kFlashKeys * kstride;  // [kFlashKeys][hd]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t qblocks = (sh.tq + kFlashQueries - 1) / kFlashQueries;
+  const int64_t qb = blockIdx.x % qblocks, split = blockIdx.x / qblocks;
+  const int64_t h = blockIdx.y, b = blockIdx.z, kvh = h / (sh.heads / sh.kv_heads);
+  const int64_t t0 = qb * kFlashQueries, offset = sh.tk - sh.tq, qrow = sh.heads * hd, krow = sh.kv_heads * hd;
+  const int64_t t_last = ql::tmin<int64_t>(t0 + kFlashQueries, sh.tq) - 1;
+  const int64_t s_begin = split * p.keys_per_split, s_end = ql::tmin<int64_t>(s_begin + p.keys_per_split, t_last + offset + 1);
+  for (int64_t i = threadIdx.x; i < kFlashQueries * hd; i += blockDim.x) {
+    const int64_t t = t0 + i / hd;
+    qs[i] = t < sh.tq ? q_at(p, b, t, h, i % hd) * sh.scale : 0.f;
+  }
+  float m[kFlashRowsPerWarp], l[kFlashRowsPerWarp], o[kFlashRowsPerWarp][kMaxPerLane];
+  QL_UNROLL
+  for (int r = 0; r < kFlashRowsPerWarp; r++) {
+    m[r] = -INFINITY, l[r] = 0.f;
+    QL_UNROLL
+    for (int e = 0; e < kMaxPerLane; e++) o[r][e] = 0.f;
+  }
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += kFlashKeys) {
+    __syncthreads();  // the previous tile is consumed (and, the first time, the q rows are stored)
+    for (int64_t i = threadIdx.x; i < kFlashKeys * hd; i += blockDim.x) {
+      const int64_t j = i / hd, d = i % hd, s = s0 + j;
+      const bool in = s < s_end;
+      const int64_t at = (b * sh.tk + s) * krow + kvh * hd + d;
+      ks[j * kstride + d] = in ? p.k[at] : 0.f;
+      vs[j * hd + d] = in ? p.v[at] : 0.f;
+    }
+    __syncthreads();
+    QL_UNROLL
+    for (int r = 0; r < kFlashRowsPerWarp; r++) {
+      const int64_t t = t0 + warp * kFlashRowsPerWarp + r;
+      if (t >= sh.tq) continue;  // warp-uniform
+      const int64_t s = s0 + lane;
+      float score = -INFINITY;
+      if (s < s_end && s <= t + offset) {
+        const float* qr = qs + (warp * kFlashRowsPerWarp + r) * hd;
+        const float* kr = ks + lane * kstride;
+        float d = 0.f;
+        for (int64_t e = 0; e < hd; e++) d = fmaf(qr[e], kr[e], d);
+        score = d;
+      }
+      const float tile_max = warp_max(score);
+      if (tile_max == -INFINITY) continue;  // this row sees no key of the tile (warp-uniform)
+      const float nm = fmaxf(m[r], tile_max), pj = expf(score - nm), rescale = expf(m[r] - nm);
+      l[r] = l[r] * rescale + warp_sum(pj);
+      QL_UNROLL
+      for (int e = 0; e < kMaxPerLane; e++) o[r][e] *= rescale;
+      for (int j = 0; j < kFlashKeys; j++) {
+        const float pb = __shfl_sync(kFull, pj, j);
+        QL_UNROLL
+        for (int e = 0; e < kMaxPerLane; e++)
+          if (lane + 32 * e < hd) o[r][e] = fmaf(pb, vs[j * hd + lane + 32 * e], o[r][e]);
+      }
+      m[r] = nm;
+    }
+  }
+  QL_UNROLL
+  for (int r = 0; r < kFlashRowsPerWarp; r++) {
+    const int64_t t = t0 + warp * kFlashRowsPerWarp + r;
+    if (t >= sh.tq) continue;
+    const int64_t row = (b * sh.tq + t) * sh.heads + h;  // the (query, head) row of lse
+    if (p.splits == 1) {
+      const float inv = 1.0f / l[r];
+      float* orow = p.out + (b * sh.tq + t) * qrow + h * hd;
+      QL_UNROLL
+      for (int e = 0; e < kMaxPerLane; e++)
+        if (lane + 32 * e < hd) orow[lane + 32 * e] = o[r][e] * inv;
+      if (lane == 0) p.lse[row] = m[r] + logf(l[r]);
+    } else {
+      const int64_t rows = sh.batch * sh.tq * sh.heads;
+      float* orow = p.part_o + (split * rows + row) * hd;
+      QL_UNROLL
+      for (int e = 0; e < kMaxPerLane; e++)
+        if (lane + 32 * e < hd) orow[lane + 32 * e] = o[r][e];
+      if (lane == 0) p.part_ml[(split * rows + row) * 2] = m[r], p.part_ml[(split * rows + row) * 2 + 1] = l[r];
+    }
+  }
+}
+
+// Merges the splits of a row: weights exp(m_s − M); a split that saw no key has m = −∞ and weighs nothing.
+__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_combine_kernel(FlashParams p) {
+  const AttnShape& sh = p.sh;
   const int lane = threadIdx.x & 31;
-  const int64_t task = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
-  if (task >= sh.batch * sh.heads * sh.tq) return;  // whole warps leave together
-  const int64_t t = task % sh.tq, h = (task / sh.tq) % sh.heads, b = task / (sh.tq * sh.heads);
-  const int64_t hd = sh.head_dim, kvh = h / (sh.heads / sh.kv_heads), last = t + sh.tk - sh.tq;
-  const int64_t qs = sh.heads * hd, ks = sh.kv_heads * hd;
-  float qr[kMaxPerLane], o[kMaxPerLane] = {};
-  load_row(qr, q + (b * sh.tq + t) * qs + h * hd, hd, lane);
-  const float* kb = k + b * sh.tk * ks + kvh * hd;
-  const float* vb = v + b * sh.tk * ks + kvh * hd;
-  float mx = -INFINITY, sum = 0.f;
-  for (int64_t s = 0; s <= last; s++) {
-    const float score = dot_row(qr, kb + s * ks, hd, lane) * sh.scale;
-    const float nmx = fmaxf(mx, score);
-    const float rescale = expf(mx - nmx), p = expf(score - nmx);
-    sum = sum * rescale + p;
+  const int64_t rows = sh.batch * sh.tq * sh.heads, row = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int64_t hd = sh.head_dim;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < p.splits; s++) mx = fmaxf(mx, p.part_ml[(s * rows + row) * 2]);
+  float sum = 0.f, o[kMaxPerLane] = {};
+  for (int64_t s = 0; s < p.splits; s++) {
+    const float ms = p.part_ml[(s * rows + row) * 2];
+    if (ms == -INFINITY) continue;
+    const float w = expf(ms - mx);
+    sum = fmaf(p.part_ml[(s * rows + row) * 2 + 1], w, sum);
     QL_UNROLL
     for (int e = 0; e < kMaxPerLane; e++)
-      if (lane + 32 * e < hd) o[e] = o[e] * rescale + p * vb[s * ks + lane + 32 * e];
-    mx = nmx;
+      if (lane + 32 * e < hd) o[e] = fmaf(p.part_o[(s * rows + row) * hd + lane + 32 * e], w, o[e]);
   }
+  const int64_t h = row % sh.heads, bt = row / sh.heads;  // bt = b·tq + t
+  float* orow = p.out + bt * sh.heads * hd + h * hd;
   const float inv = 1.0f / sum;
-  float* orow = out + (b * sh.tq + t) * qs + h * hd;
   QL_UNROLL
   for (int e = 0; e < kMaxPerLane; e++)
     if (lane + 32 * e < hd) orow[lane + 32 * e] = o[e] * inv;
-  if (lane == 0) lse[(b * sh.tq + t) * sh.heads + h] = mx + logf(sum);
+  if (lane == 0) p.lse[row] = mx + logf(sum);
 }
 
 // D[row, h] = dout · out, the softmax-backward correction, once per query row.
@@ -442,13 +552,32 @@ void rope_backward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, i
   rope(dx, pos, rows, heads, head_dim, theta, rotate_half, -1.0f);
 }
 
+// Enough blocks to fill a large GPU: decode's few query rows get their keys split until there are about this many.
+constexpr int64_t kAttnTargetBlocks = 256;
+
 void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
                        int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
   const kern::AttnShape sh = attn_shape(batch, tq, tk, heads, kv_heads, head_dim);
-  const int64_t tasks = batch * heads * tq;
-  if (tasks <= 0) return;
-  QL_LAUNCH(kern::attention_forward_kernel, ql::ceil_div(tasks, kern::kAttnWarps), kAttnThreads, 0, 0)(q, k, v, out, lse, sh);
+  const int64_t rows = batch * heads * tq;
+  if (rows <= 0) return;
+  const int64_t qblocks = ql::ceil_div(tq, kern::kFlashQueries), blocks = qblocks * heads * batch;
+  // Split the keys only where the rows alone leave the GPU idle, and never below 4 tiles a split.
+  int64_t splits = std::min<int64_t>(ql::ceil_div(kAttnTargetBlocks, blocks), ql::ceil_div(tk, 4 * kern::kFlashKeys));
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t per_split = ql::ceil_div(ql::ceil_div(tk, splits), kern::kFlashKeys) * kern::kFlashKeys;
+  splits = ql::ceil_div(tk, per_split);
+  ql::DeviceBuffer<float> part_o(splits > 1 ? splits * rows * head_dim : 0), part_ml(splits > 1 ? splits * rows * 2 : 0);
+  const kern::FlashParams p{q, k, v, out, lse, part_o.ptr, part_ml.ptr, sh, splits, per_split};
+  const size_t smem = kern::flash_smem_bytes(head_dim);
+  if (smem > 48 * 1024)
+    ql::check(cudaFuncSetAttribute(kern::attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+              "cudaFuncSetAttribute(attention_forward_kernel)");
+  QL_LAUNCH(kern::attention_forward_kernel, dim3((unsigned)(qblocks * splits), (unsigned)heads, (unsigned)batch), kern::kFlashWarps * 32, smem, 0)(p);
   ql::launched("core::attention_forward_kernel");
+  if (splits > 1) {
+    QL_LAUNCH(kern::attention_combine_kernel, ql::ceil_div(rows, kern::kAttnWarps), kAttnThreads, 0, 0)(p);
+    ql::launched("core::attention_combine_kernel");
+  }
 }
 
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
