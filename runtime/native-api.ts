@@ -115,6 +115,8 @@ export interface CoreOps {
   rope_backward(dx: Tensor<'f32'>, pos: Tensor<'i32'>, rows: number, heads: number, headDim: number, theta: number, rotateHalf: boolean): void;
   /** Causal GQA attention. q/out [batch, tq, heads·headDim], k/v [batch, tk, kvHeads·headDim]; query t sees keys s ≤ t + tk − tq; lse [batch, tq, heads] saved for backward. (qalora::core::attention_forward, templates/core/core.ops.json) */
   attention_forward(q: Tensor<'f32'>, k: Tensor<'f32'>, v: Tensor<'f32'>, out: Tensor<'f32'>, lse: Tensor<'f32'>, batch: number, tq: number, tk: number, heads: number, kvHeads: number, headDim: number): void;
+  /** attention_forward with K and V stored as fp16 bits: the KV cache of the GPU backends, half the memory and the bandwidth of fp32. Same layouts and masking. (qalora::core::attention_forward_kv16, templates/core/core.ops.json) */
+  attention_forward_kv16(q: Tensor<'f32'>, k: Tensor<'u16'>, v: Tensor<'u16'>, out: Tensor<'f32'>, lse: Tensor<'f32'>, batch: number, tq: number, tk: number, heads: number, kvHeads: number, headDim: number): void;
   /** dq, dk, dv (overwritten) of attention_forward given its out, lse and dout. (qalora::core::attention_backward, templates/core/core.ops.json) */
   attention_backward(q: Tensor<'f32'>, k: Tensor<'f32'>, v: Tensor<'f32'>, out: Tensor<'f32'>, lse: Tensor<'f32'>, dout: Tensor<'f32'>, dq: Tensor<'f32'>, dk: Tensor<'f32'>, dv: Tensor<'f32'>, batch: number, tq: number, tk: number, heads: number, kvHeads: number, headDim: number): void;
   /** out = silu(gate) · up, element-wise. (qalora::core::swiglu_forward, templates/core/core.ops.json) */
@@ -148,7 +150,7 @@ export interface CoreOps {
 }
 
 /** The core ops with a GPU twin (descriptors marked "cuda": true), same signatures. */
-export type GpuCoreOps = Pick<CoreOps, 'gemm' | 'embedding_forward' | 'embedding_backward' | 'rmsnorm_forward' | 'rmsnorm_backward' | 'rope_forward' | 'rope_backward' | 'attention_forward' | 'attention_backward' | 'swiglu_forward' | 'swiglu_backward' | 'cross_entropy_forward' | 'cross_entropy_backward' | 'add_inplace' | 'f32_to_f16' | 'f16_to_f32' | 'f32_to_bf16' | 'bf16_to_f32'>;
+export type GpuCoreOps = Pick<CoreOps, 'gemm' | 'embedding_forward' | 'embedding_backward' | 'rmsnorm_forward' | 'rmsnorm_backward' | 'rope_forward' | 'rope_backward' | 'attention_forward' | 'attention_forward_kv16' | 'attention_backward' | 'swiglu_forward' | 'swiglu_backward' | 'cross_entropy_forward' | 'cross_entropy_backward' | 'add_inplace' | 'f32_to_f16' | 'f16_to_f32' | 'f32_to_bf16' | 'bf16_to_f32'>;
 
 /** What the emulated CUDA runtime did since the last emuResetCounters() (templates/emu/emu_counters.h). */
 export interface EmuCounters {

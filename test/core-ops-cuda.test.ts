@@ -125,6 +125,15 @@ describe('GPU core ops on the emulator match the CPU core ops', () => {
         (ops, [out, lse]) => ops.attention_forward(q, k, v, out, lse, batch, tq, tk, heads, kvHeads, headDim));
       expectClose(ef[0], cf[0], 1e-5, `${what} out`);
       expectClose(ef[1], cf[1], 1e-5, `${what} lse`);
+      // The fp16 KV cache's variant: the same kernel reading fp16 bits, against the CPU's widening reference.
+      const [k16, v16] = [new Uint16Array(kn), new Uint16Array(kn)];
+      cpu.f32_to_f16(k, k16, kn);
+      cpu.f32_to_f16(v, v16, kn);
+      const [eh, ch] = both(() => [new Float32Array(qn), new Float32Array(batch * tq * heads)] as const,
+        (ops, [out, lse]) => ops.attention_forward_kv16(q, k16, v16, out, lse, batch, tq, tk, heads, kvHeads, headDim));
+      expectClose(eh[0], ch[0], 1e-5, `${what} kv16 out`);
+      expectClose(eh[1], ch[1], 1e-5, `${what} kv16 lse`);
+      expectClose(ch[0], cf[0], 2e-2, `${what} kv16 vs fp32 out`); // fp16 K/V: within half precision of fp32
       const dout = rand(qn, 11);
       const [eb, cb] = both(() => [new Float32Array(qn), new Float32Array(kn).fill(5), new Float32Array(kn).fill(5)] as const,
         (ops, [dq, dk, dv]) => ops.attention_backward(q, k, v, cf[0], cf[1], dout, dq, dk, dv, batch, tq, tk, heads, kvHeads, headDim));

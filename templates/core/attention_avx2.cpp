@@ -72,6 +72,15 @@ void attention_forward(const float* q, const float* k, const float* v, float* ou
   });
 }
 
+void attention_forward_kv16(const float* q, const uint16_t* k, const uint16_t* v, float* out, float* lse, int64_t batch,
+                            int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  const int64_t n = batch * tk * kv_heads * head_dim;
+  std::vector<float> kf(n), vf(n);
+  f16_to_f32(k, kf.data(), n);
+  f16_to_f32(v, vf.data(), n);
+  attention_forward(q, kf.data(), vf.data(), out, lse, batch, tq, tk, heads, kv_heads, head_dim);
+}
+
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
                         const float* dout, float* dq, float* dk, float* dv, int64_t batch, int64_t tq, int64_t tk,
                         int64_t heads, int64_t kv_heads, int64_t head_dim) {

@@ -24,6 +24,9 @@ void rope_backward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, i
 
 void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
                        int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim);
+// K and V as fp16 bits (the GPU backends' KV cache); on the CPU a reference that widens them and runs the above.
+void attention_forward_kv16(const float* q, const uint16_t* k, const uint16_t* v, float* out, float* lse, int64_t batch,
+                            int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim);
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
                         const float* dout, float* dq, float* dk, float* dv, int64_t batch, int64_t tq, int64_t tk,
                         int64_t heads, int64_t kv_heads, int64_t head_dim);

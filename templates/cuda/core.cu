@@ -197,10 +197,12 @@ QL_DEV float dot_row(const float (&r)[kMaxPerLane], const float* p, int64_t hd, 
 // attention_combine_kernel merges them.
 constexpr int kFlashWarps = 4, kFlashRowsPerWarp = 2, kFlashQueries = kFlashWarps * kFlashRowsPerWarp, kFlashKeys = 32;
 
+// KV: float, or uint16_t fp16 bits (the device KV cache).
+template <class KV>
 struct FlashParams {
   const float* q;
-  const float* k;
-  const float* v;
+  const KV* k;
+  const KV* v;
   float* out;
   float* lse;
   float* part_o;   // [splits, rows, head_dim] when splits > 1 (rows = batch·tq·heads)
@@ -209,13 +211,18 @@ struct FlashParams {
   int64_t splits, keys_per_split;
 };
 
-QL_DEV float q_at(const FlashParams& p, int64_t b, int64_t t, int64_t h, int64_t d) {
+QL_DEV float kv_value(float x) { return x; }
+QL_DEV float kv_value(uint16_t h) { return qalora::f16_to_f32(h); }
+
+template <class KV>
+QL_DEV float q_at(const FlashParams<KV>& p, int64_t b, int64_t t, int64_t h, int64_t d) {
   return p.q[(b * p.sh.tq + t) * p.sh.heads * p.sh.head_dim + h * p.sh.head_dim + d];
 }
 
 inline size_t flash_smem_bytes(int64_t hd) { return (size_t)(kFlashQueries * hd + kFlashKeys * (hd + 1) + kFlashKeys * hd) * sizeof(float); }
 
-__global__ void QL_LAUNCH_BOUNDS(kFlashWarps * 32, 2) attention_forward_kernel(FlashParams p) {
+template <class KV>
+__global__ void QL_LAUNCH_BOUNDS(kFlashWarps * 32, 2) attention_forward_kernel(FlashParams<KV> p) {
   QL_DYN_SMEM(float, smem);
   const AttnShape& sh = p.sh;
   const int64_t hd = sh.head_dim, kstride = hd + 1;
@@ -246,8 +253,8 @@ __global__ void QL_LAUNCH_BOUNDS(kFlashWarps * 32, 2) attention_forward_kernel(F
       const int64_t j = i / hd, d = i % hd, s = s0 + j;
       const bool in = s < s_end;
       const int64_t at = (b * sh.tk + s) * krow + kvh * hd + d;
-      ks[j * kstride + d] = in ? p.k[at] : 0.f;
-      vs[j * hd + d] = in ? p.v[at] : 0.f;
+      ks[j * kstride + d] = in ? kv_value(p.k[at]) : 0.f;
+      vs[j * hd + d] = in ? kv_value(p.v[at]) : 0.f;
     }
     __syncthreads();
     QL_UNROLL
@@ -302,7 +309,8 @@ __global__ void QL_LAUNCH_BOUNDS(kFlashWarps * 32, 2) attention_forward_kernel(F
 }
 
 // Merges the splits of a row: weights exp(m_s − M); a split that saw no key has m = −∞ and weighs nothing.
-__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_combine_kernel(FlashParams p) {
+template <class KV>
+__global__ void QL_LAUNCH_BOUNDS(128, 4) attention_combine_kernel(FlashParams<KV> p) {
   const AttnShape& sh = p.sh;
   const int lane = threadIdx.x & 31;
   const int64_t rows = sh.batch * sh.tq * sh.heads, row = (int64_t)blockIdx.x * kAttnWarps + (threadIdx.x >> 5);
@@ -555,8 +563,10 @@ void rope_backward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, i
 // Enough blocks to fill a large GPU: decode's few query rows get their keys split until there are about this many.
 constexpr int64_t kAttnTargetBlocks = 256;
 
-void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
-                       int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+namespace {
+template <class KV>
+void flash_attention(const float* q, const KV* k, const KV* v, float* out, float* lse, int64_t batch, int64_t tq,
+                     int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
   const kern::AttnShape sh = attn_shape(batch, tq, tk, heads, kv_heads, head_dim);
   const int64_t rows = batch * heads * tq;
   if (rows <= 0) return;
@@ -567,17 +577,28 @@ void attention_forward(const float* q, const float* k, const float* v, float* ou
   const int64_t per_split = ql::ceil_div(ql::ceil_div(tk, splits), kern::kFlashKeys) * kern::kFlashKeys;
   splits = ql::ceil_div(tk, per_split);
   ql::DeviceBuffer<float> part_o(splits > 1 ? splits * rows * head_dim : 0), part_ml(splits > 1 ? splits * rows * 2 : 0);
-  const kern::FlashParams p{q, k, v, out, lse, part_o.ptr, part_ml.ptr, sh, splits, per_split};
+  const kern::FlashParams<KV> p{q, k, v, out, lse, part_o.ptr, part_ml.ptr, sh, splits, per_split};
   const size_t smem = kern::flash_smem_bytes(head_dim);
+  auto kernel = kern::attention_forward_kernel<KV>;
   if (smem > 48 * 1024)
-    ql::check(cudaFuncSetAttribute(kern::attention_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-              "cudaFuncSetAttribute(attention_forward_kernel)");
-  QL_LAUNCH(kern::attention_forward_kernel, dim3((unsigned)(qblocks * splits), (unsigned)heads, (unsigned)batch), kern::kFlashWarps * 32, smem, 0)(p);
+    ql::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "cudaFuncSetAttribute(attention_forward_kernel)");
+  QL_LAUNCH(kernel, dim3((unsigned)(qblocks * splits), (unsigned)heads, (unsigned)batch), kern::kFlashWarps * 32, smem, 0)(p);
   ql::launched("core::attention_forward_kernel");
   if (splits > 1) {
-    QL_LAUNCH(kern::attention_combine_kernel, ql::ceil_div(rows, kern::kAttnWarps), kAttnThreads, 0, 0)(p);
+    auto combine = kern::attention_combine_kernel<KV>;
+    QL_LAUNCH(combine, ql::ceil_div(rows, kern::kAttnWarps), kAttnThreads, 0, 0)(p);
     ql::launched("core::attention_combine_kernel");
   }
+}
+}  // namespace
+
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
+                       int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  flash_attention(q, k, v, out, lse, batch, tq, tk, heads, kv_heads, head_dim);
+}
+void attention_forward_kv16(const float* q, const uint16_t* k, const uint16_t* v, float* out, float* lse, int64_t batch,
+                            int64_t tq, int64_t tk, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  flash_attention(q, k, v, out, lse, batch, tq, tk, heads, kv_heads, head_dim);
 }
 
 void attention_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
