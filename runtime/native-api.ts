@@ -141,6 +141,10 @@ export interface CoreOps {
   gptq_hessian_accumulate(x: Tensor<'f32'>, rows: number, n_in: number, h: Tensor<'f32'>, seen: number): void;
   /** GPTQ of W [out, in] (overwritten with the dequantized Ŵ) given H [in, in]: groups of `group` contiguous inputs, min-max (α, β) per (row, group) fixed when the group is entered, lazy batch updates of `block` columns, dampening damp·mean(diag H). Writes q (blocked32), α, β [out, in/group]; returns GPTQ's loss Σ (w − ŵ)²/(2·[H⁻¹]ᵢᵢ). (qalora::core::gptq_quantize, templates/core/gptq.ops.json) */
   gptq_quantize(w: Tensor<'f32'>, h: Tensor<'f32'>, n_out: number, n_in: number, bits: number, group: number, block: number, damp: number, qweight: Tensor<'u32'>, alpha: Tensor<'f32'>, beta: Tensor<'f32'>): number;
+  /** One AdamW update of n parameters, in place: g ← g·gradScale; m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²; p ← p·decay − lr·(m/bc1)/(√(v/bc2) + eps), in float64 per element and stored in float32 (runtime/train/adamw.ts, the host's optimizer, bit for bit on the CPU). (qalora::core::adamw_update, templates/core/optim.ops.json) */
+  adamw_update(p: Tensor<'f32'>, g: Tensor<'f32'>, m: Tensor<'f32'>, v: Tensor<'f32'>, n: number, lr: number, beta1: number, beta2: number, eps: number, decay: number, gradScale: number, bc1: number, bc2: number): void;
+  /** Σ x² in float64, in a fixed order (a gradient's squared norm: the one number a training step reads back besides its loss). (qalora::core::sum_squares, templates/core/optim.ops.json) */
+  sum_squares(x: Tensor<'f32'>, n: number): number;
   /** Best memory-read bandwidth in GB/s of all CPU kernel threads streaming a buffer of `bytes` bytes, over `reps` passes (the benchmark's roofline). (qalora::cpu::read_bandwidth, templates/cpu/probe.ops.json) */
   cpu_read_bandwidth(bytes: number, reps: number): number;
   /** Threads the CPU kernels run on (QALORA_THREADS, else the hardware concurrency). (qalora::cpu::thread_count, templates/cpu/probe.ops.json) */
@@ -150,7 +154,7 @@ export interface CoreOps {
 }
 
 /** The core ops with a GPU twin (descriptors marked "cuda": true), same signatures. */
-export type GpuCoreOps = Pick<CoreOps, 'gemm' | 'embedding_forward' | 'embedding_backward' | 'rmsnorm_forward' | 'rmsnorm_backward' | 'rope_forward' | 'rope_backward' | 'attention_forward' | 'attention_forward_kv16' | 'attention_backward' | 'swiglu_forward' | 'swiglu_backward' | 'cross_entropy_forward' | 'cross_entropy_backward' | 'add_inplace' | 'f32_to_f16' | 'f16_to_f32' | 'f32_to_bf16' | 'bf16_to_f32'>;
+export type GpuCoreOps = Pick<CoreOps, 'gemm' | 'embedding_forward' | 'embedding_backward' | 'rmsnorm_forward' | 'rmsnorm_backward' | 'rope_forward' | 'rope_backward' | 'attention_forward' | 'attention_forward_kv16' | 'attention_backward' | 'swiglu_forward' | 'swiglu_backward' | 'cross_entropy_forward' | 'cross_entropy_backward' | 'add_inplace' | 'f32_to_f16' | 'f16_to_f32' | 'f32_to_bf16' | 'bf16_to_f32' | 'adamw_update' | 'sum_squares'>;
 
 /** What the emulated CUDA runtime did since the last emuResetCounters() (templates/emu/emu_counters.h). */
 export interface EmuCounters {

@@ -51,11 +51,20 @@ function both<T extends readonly unknown[]>(make: () => T, call: (ops: CoreOps, 
 }
 
 describe('GPU core ops on the emulator match the CPU core ops', () => {
-  it('exposes every op on the emu backend, the fp16/bf16 casts included', () => {
-    const declared = (JSON.parse(readFileSync(new URL('../templates/core/core.ops.json', import.meta.url), 'utf8')) as Array<{ name: string }>).map((d) => d.name);
+  it('exposes every op of core.ops.json and optim.ops.json on the emu backend, the fp16/bf16 casts included', () => {
+    const declared = ['core', 'optim'].flatMap((f) => (JSON.parse(readFileSync(new URL(`../templates/core/${f}.ops.json`, import.meta.url), 'utf8')) as Array<{ name: string }>).map((d) => d.name));
     expect(gpuOps.sort()).toEqual(declared.sort());
     expect(emu.gemm).not.toBe(cpu.gemm);
     expect(emu.f32_to_f16).not.toBe(cpu.f32_to_f16);
+  });
+
+  it('adamw_update: the CPU\'s bit for bit under the emulator; sum_squares within float64 rounding of it', () => {
+    const n = 70_001, p0 = rand(n, 41), g = rand(n, 42, 2);
+    const [e, c] = both(() => [new Float32Array(p0), rand(n, 43, 0.1), rand(n, 44, 0.1).map(Math.abs)] as const,
+      (ops, [p, m, v]) => ops.adamw_update(p, g, m, v, n, 1e-3, 0.9, 0.999, 1e-8, 0.9999, 0.5, 0.19, 0.002));
+    for (let i = 0; i < 3; i++) expect(Array.from(e[i]), ['p', 'm', 'v'][i]).toEqual(Array.from(c[i]));
+    const [se, sc] = [emu.sum_squares(g, n), cpu.sum_squares(g, n)];
+    expect(Math.abs(se - sc) / sc).toBeLessThan(1e-12);
   });
 
   it('fp16/bf16 casts: bit for bit the CPU\'s, rounding ties, subnormals, overflow, infinities and NaN', () => {

@@ -6,6 +6,8 @@ import { loadCore } from '../runtime/native.ts';
 import type { CoreOps } from '../runtime/model/native-ops.ts';
 import { f32ToBf16Bits, f32ToF16Bits, f16BitsToF32 } from '../runtime/safetensors.ts';
 import { uniformStream } from '../runtime/random.ts';
+import { AdamW, ADAMW_DEFAULTS } from '../runtime/train/adamw.ts';
+import { globalNorm } from '../runtime/train/params.ts';
 
 let core: CoreOps;
 beforeAll(async () => {
@@ -250,6 +252,23 @@ describe('core ops', () => {
     expect(Array.from(back)).toEqual(Array.from(h, f16BitsToF32));
     core.bf16_to_f32(bf, back, vals.length);
     expect(Array.from(back)).toEqual(Array.from(bf, (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0]));
+  });
+
+  it('adamw_update is the host AdamW bit for bit (clipping scale, weight decay, bias correction); sum_squares its norm²', () => {
+    const n = 1000;
+    const p0 = rand(n, 31), g = rand(n, 32, 3);
+    const [pa, pb] = [new Float32Array(p0), new Float32Array(p0)];
+    const host = new AdamW([{ key: 'x', block: 0, proj: 'q', which: 'a', data: pa }], { ...ADAMW_DEFAULTS, weightDecay: 0.01 });
+    const [m, v] = [new Float32Array(n), new Float32Array(n)];
+    for (let t = 1; t <= 3; t++) {
+      const lr = 1e-3 * t, scale = 0.37;
+      host.step([g], lr, scale);
+      core.adamw_update(pb, g, m, v, n, lr, 0.9, 0.999, 1e-8, 1 - lr * 0.01, scale, 1 - 0.9 ** t, 1 - 0.999 ** t);
+    }
+    expect(Array.from(pb)).toEqual(Array.from(pa));
+    expect(Array.from(m)).toEqual(Array.from(host.m[0]));
+    expect(Array.from(v)).toEqual(Array.from(host.v[0]));
+    expect(Math.sqrt(core.sum_squares(g, n))).toBe(globalNorm([g]));
   });
 
   it('rejects arrays of the wrong size, naming the argument', () => {

@@ -3,8 +3,10 @@
 // step sends its token id and position up, waits once and reads its logits back; a training step uploads only
 // ids, targets and adapters and reads back only the loss and the gradients; and in a steady state nothing is
 // allocated. The results are those of the cpu backend: llama2.c's goldens, and the same training losses.
-import { readFileSync } from 'node:fs';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSpec } from '../dsl/index.ts';
 import { demoAssets } from '../runtime/assets.ts';
 import { readLlama2c } from '../runtime/formats/llama2c.ts';
@@ -14,6 +16,8 @@ import { loadNativeOps } from '../runtime/model/native-ops.ts';
 import { readLlama2cTokenizer } from '../runtime/tokenizer/llama2c.ts';
 import { AdamW } from '../runtime/train/adamw.ts';
 import { alignedGrads, paramList } from '../runtime/train/params.ts';
+import { dataTokenizerFor, openForRun, prepareData } from '../runtime/train/setup.ts';
+import { train } from '../runtime/train/trainer.ts';
 import type { EmuCounters } from '../runtime/native.ts';
 import { fixture, needs, repoRoot } from './fixtures.ts';
 
@@ -134,6 +138,53 @@ describe('QA-LoRA stories260K on --backend emu: training on device-resident tens
     // Down: the per-row losses (the cross-entropy's readback) and all gradients in one download.
     expect([c.d2hCalls, c.d2hBytes]).toEqual([2, 4 * m + gradBytes]);
     expect([c.syncs, c.allocs, c.frees]).toEqual([2, 0, 0]);
+  });
+});
+
+describe('the trainer on --backend emu: adapters, gradients and AdamW moments stay on the device', () => {
+  const spec = loadSpec(`${repoRoot}/specs/stories260k.qal`).spec!;
+  const dir = mkdtempSync(join(tmpdir(), 'qalora-device-train-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  async function run(backend: 'cpu' | 'emu', onStep?: (step: number) => void) {
+    const { model, tokenizer } = await openForRun({ model: demoAssets.model, tokenizer: demoAssets.tokenizer, spec, backend, seed: 3 });
+    const slice = join(dir, 'slice.txt');
+    writeFileSync(slice, readFileSync(demoAssets.data, 'utf8').slice(0, 30_000));
+    const data = prepareData(slice, dataTokenizerFor(tokenizer, demoAssets.tokenizer), 64, 0.1);
+    const layers = spec.layers.filter((l) => l.projection);
+    const result = await train({
+      model, train: data.split.train, val: data.split.val, outDir: join(dir, backend),
+      adapterInfo: { kind: 'qalora', groups: Object.fromEntries(layers.map((l) => [l.projection!, l.group])), pool: 'mean', dropout: 0.05, bits: 4 },
+      // gradAccum 2: the micro-batches' gradients add up on the device; maxGradNorm 0.3: clipping is active.
+      lr: 3e-3, schedule: 'constant', warmup: 0, batchSize: 2, gradAccum: 2, totalSteps: 5, evalEvery: 0, evalWindows: 2,
+      saveEvery: 3, seed: 1, maxGradNorm: 0.3, weightDecay: 0.01, resume: false, quiet: true, plot: false, handleSigint: false,
+      onStep: ({ step }) => onStep?.(step),
+    });
+    return { model, result };
+  }
+
+  it('gives the cpu trainer\'s losses and adapters, and a step reads back only its losses and its gradient norm', async () => {
+    const cpu = await run('cpu');
+    const { addon } = await loadNativeOps(spec, 'emu');
+    const perStep: EmuCounters[] = [];
+    const emu = await run('emu', (step) => {
+      if (step > 1) perStep.push(addon.emuCounters!());
+      addon.emuResetCounters!();
+    });
+    emu.result.losses.forEach((l, i) => expect(Math.abs(l - cpu.result.losses[i]), `step ${i + 1}`).toBeLessThan(1e-4));
+    // The trained adapters came back to the host (at the checkpoint of step 3 and at the end).
+    const [a, b] = [paramList(cpu.model.adapters), paramList(emu.model.adapters)];
+    a.forEach((p, k) => p.data.forEach((x, i) => expect(Math.abs(b[k].data[i] - x), `${p.key}[${i}]`).toBeLessThan(1e-4)));
+    // Steps 2 and 3: per micro-batch, ids, positions and targets go up and the per-row losses come down; once per
+    // step the gradient norm (8 bytes). No adapter, no weight, no gradient moves.
+    const rows = 2 * 64, paramBytes = a.reduce((n, p) => n + p.data.byteLength, 0);
+    for (const c of [perStep[0], perStep[1]]) {
+      expect([c.h2dCalls, c.h2dBytes]).toEqual([2 * 3, 2 * 3 * 4 * rows]);
+      expect([c.d2hCalls, c.d2hBytes, c.syncs]).toEqual([2 + 1, 2 * 4 * rows + 8, 3]);
+      expect([c.allocs, c.frees]).toEqual([0, 0]);
+    }
+    // The checkpoint after step 3 (counted with step 4) reads the adapters and both AdamW moments back, once each.
+    expect([perStep[2].d2hCalls, perStep[2].d2hBytes]).toEqual([3 + 3, 2 * 4 * rows + 8 + 3 * paramBytes]);
   });
 });
 

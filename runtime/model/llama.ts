@@ -11,6 +11,8 @@ import { Runner, type ActivationMode, type RunnerOptions } from './runner.ts';
 import { KvSession } from './session.ts';
 import { prepareWeights, type CalibrationSource } from './prepare.ts';
 import type { OpProfile } from './profile.ts';
+import type { F32, Memory } from './memory.ts';
+import type { CoreOps } from './native-ops.ts';
 
 export type { CalibrationSource } from './prepare.ts';
 
@@ -72,6 +74,21 @@ export interface InferenceSession {
   truncate(n: number): void;
 }
 
+/** Training on a GPU backend's tensors (LlamaModel.trainingOnBackend): the trainer's view of them. */
+export interface BackendTraining {
+  /** Every adapter's A then B, flat in paramList order, on the backend. */
+  readonly params: F32;
+  readonly length: number;
+  readonly core: CoreOps;
+  readonly mem: Memory;
+  /** Loss and the gradient of every parameter, flat like params (the backend's buffer, overwritten by the next call). */
+  lossAndGrad(tokens: Int32Array, targets: Int32Array, batch: number, seqLen: number, opts?: GradOptions): { loss: number; count: number; grads: F32 };
+  /** The backend's adapter values into model.adapters (checkpoints). */
+  pull(): void;
+  /** pull(), and the host arrays are the adapters' authority again. */
+  end(): void;
+}
+
 export class LlamaModel {
   readonly config: LlamaConfig;
   /** The weights the model runs: quant layers after create() quantized them. */
@@ -130,6 +147,32 @@ export class LlamaModel {
   logits(tokens: Int32Array, batch: number, seqLen: number): Float32Array {
     this.checkBatch(tokens, undefined, batch, seqLen, undefined);
     return this.runner.logits(this.adapters, tokens, batch, seqLen);
+  }
+
+  /**
+   * Training whose state stays on the backend (cuda, emu): undefined on the cpu. From this call until end(), the
+   * backend's copy of the adapters is theirs to update and the host arrays (this.adapters) are stale until pull().
+   */
+  trainingOnBackend(): BackendTraining | undefined {
+    const r = this.runner;
+    if (!r.mem.device) return undefined;
+    const params = r.deviceAdapters(this.adapters);
+    return {
+      params,
+      length: params.length,
+      core: r.core,
+      mem: r.mem,
+      lossAndGrad: (tokens, targets, batch, seqLen, opts = {}) => {
+        this.checkBatch(tokens, targets, batch, seqLen, opts.mask);
+        const { loss, count, flat } = r.lossAndGrad(this.adapters, tokens, targets, batch, seqLen, { ...opts, gradsOnBackend: true });
+        return { loss, count, grads: flat };
+      },
+      pull: () => r.pullAdapters(),
+      end: () => {
+        r.pullAdapters();
+        r.hostAuthority();
+      },
+    };
   }
 
   /** A new generation stream (KV cache of config.context positions). */

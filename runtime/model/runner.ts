@@ -147,6 +147,29 @@ export class Runner {
     this.adapterTensors.refresh(adapters);
   }
 
+  /** A decode step's adapters: laid out on the backend if they are new, not re-uploaded. */
+  ensureAdapters(adapters: AdapterSet): void {
+    this.adapterTensors.ensure(adapters);
+  }
+
+  /**
+   * Makes the backend's copy of the adapters their authority (training on the device) and returns it: one flat
+   * tensor in paramList order. Host arrays are stale until pullAdapters(); hostAuthority() hands back.
+   */
+  deviceAdapters(adapters: AdapterSet): F32 {
+    const params = this.adapterTensors.params(adapters);
+    this.adapterTensors.authority = 'device';
+    return params;
+  }
+
+  pullAdapters(): void {
+    this.adapterTensors.pull();
+  }
+
+  hostAuthority(): void {
+    this.adapterTensors.authority = 'host';
+  }
+
   // ---- forward ---------------------------------------------------------------------------------------------
 
   /** x [n, dim] = the rows of `tokens` (host ids, validated by the caller; `ids` the same on the backend). */
@@ -279,7 +302,11 @@ export class Runner {
 
   // ---- backward --------------------------------------------------------------------------------------------
 
-  lossAndGrad(adapters: AdapterSet, tokens: Int32Array, targets: Int32Array, batch: number, seqLen: number, opts: GradOptions): { loss: number; count: number; grads: AdapterSet } {
+  /**
+   * Loss and gradients; `flat` holds every gradient in paramList order on the backend (overwritten by the next
+   * call). With opts.gradsOnBackend the host's `grads` are not filled (a device optimizer reads `flat`).
+   */
+  lossAndGrad(adapters: AdapterSet, tokens: Int32Array, targets: Int32Array, batch: number, seqLen: number, opts: GradOptions & { gradsOnBackend?: boolean }): { loss: number; count: number; grads: AdapterSet; flat: F32 } {
     const { dim, hidden, heads, kvHeads, layers } = this.config;
     const m = batch * seqLen, training = opts.training ?? false, seed = opts.seed ?? 0;
     const c = this.core, mem = this.mem;
@@ -295,7 +322,7 @@ export class Runner {
     c.rmsnorm_backward(x, this.finalNormW, rstd, s.dxf, dx, m, dim);
 
     const grads = this.gradBuffers(adapters);
-    if (grads.host.every((set) => Object.keys(set).length === 0)) return { loss, count: countScored(t), grads: grads.host }; // nothing to train
+    if (grads.host.every((set) => Object.keys(set).length === 0)) return { loss, count: countScored(t), grads: grads.host, flat: grads.flat }; // nothing to train
     const attend = this.trainingAttend(batch, seqLen);
     const xw = s.xw, d = this.grad.rows(m);
     for (let l = layers - 1; l >= 0; l--) {
@@ -323,8 +350,8 @@ export class Runner {
       c.rmsnorm_backward(input(l), norm.attn, b.rstd1, d.dxn, d.tmp, m, dim);
       c.add_inplace(dx, d.tmp, m * dim);
     }
-    if (mem.device) mem.read(grads.flat, grads.hostFlat); // every gradient in one download
-    return { loss, count: countScored(t), grads: grads.host };
+    if (mem.device && !opts.gradsOnBackend) mem.read(grads.flat, grads.hostFlat); // every gradient in one download
+    return { loss, count: countScored(t), grads: grads.host, flat: grads.flat };
   }
 
   /** Gradient buffers shaped like the adapters (reused while the shapes stay the same): one flat block each side. */
@@ -366,40 +393,87 @@ interface GradBuffers {
 }
 
 /**
- * The adapters as the kernels take them. On the host that is the adapter itself; on a device a copy per array,
- * uploaded when first seen and again at refresh() (each entry of a pass over the model: the optimizer updates the
- * host arrays in place between steps). Decode steps reuse what the last prefill uploaded.
+ * The adapters as the kernels take them. On the host that is the adapter itself. On a device, one flat tensor
+ * holds every adapter's A then B in paramList order (runtime/train/params.ts), so an optimizer on the device
+ * updates them all in one call. While the host is their authority (inference, the host optimizer) refresh()
+ * uploads them at each pass over the model, in one copy; while the device is (training there) nothing is
+ * uploaded and pull() brings them back to the host arrays (checkpoints, the end of training).
  */
 class AdapterMirror {
-  private readonly tensors = new WeakMap<Adapter, AdapterTensors>();
+  authority: 'host' | 'device' = 'host';
+  private layout?: { adapters: Adapter[]; tensors: Map<Adapter, AdapterTensors>; params: F32; host: Float32Array };
 
   constructor(private readonly mem: Memory) {}
 
   of(ad: Adapter | undefined): AdapterTensors | undefined {
-    if (!ad || !this.mem.device) return ad;
-    let t = this.tensors.get(ad);
-    if (!t) {
-      t = { rank: ad.rank, alpha: ad.alpha, a: this.mem.resident(ad.a), b: this.mem.resident(ad.b) };
-      this.tensors.set(ad, t);
-    }
+    if (!ad || !this.mem.device || ad.rank <= 0) return ad;
+    const t = this.layout?.tensors.get(ad);
+    if (!t) throw new Error('internal: an adapter reached the kernels before Runner.ensureAdapters saw it');
     return t;
   }
 
-  refresh(adapters: AdapterSet): void {
+  /** Lays the set out on the device (uploading it) unless its adapters are the ones laid out already. */
+  ensure(set: AdapterSet): void {
     if (!this.mem.device) return;
-    for (const set of adapters) {
-      for (const p of PROJECTIONS) {
-        const ad = set?.[p];
-        if (!ad || ad.rank <= 0) continue;
-        const known = this.tensors.has(ad);
-        const t = this.of(ad)!;
-        if (known) {
-          this.mem.write(t.a, ad.a);
-          this.mem.write(t.b, ad.b);
-        }
-      }
+    const list = trainable(set);
+    const same = this.layout && this.layout.adapters.length === list.length && list.every((ad, i) => ad === this.layout!.adapters[i]);
+    if (same) return;
+    const total = list.reduce((n, ad) => n + ad.a.length + ad.b.length, 0);
+    const params = this.mem.f32(total), tensors = new Map<Adapter, AdapterTensors>();
+    let at = 0;
+    for (const ad of list) {
+      tensors.set(ad, { rank: ad.rank, alpha: ad.alpha, a: this.mem.view(params, at, ad.a.length), b: this.mem.view(params, at + ad.a.length, ad.b.length) });
+      at += ad.a.length + ad.b.length;
+    }
+    if (this.layout) this.mem.free(this.layout.params);
+    this.layout = { adapters: list, tensors, params, host: new Float32Array(total) };
+    this.upload();
+  }
+
+  /** The host arrays' current values to the device (one copy), unless the device is their authority. */
+  refresh(set: AdapterSet): void {
+    if (!this.mem.device) return;
+    const had = this.layout;
+    this.ensure(set);
+    if (had === this.layout && this.authority === 'host') this.upload();
+  }
+
+  /** The flat parameter tensor (paramList order), laid out for `set`. */
+  params(set: AdapterSet): F32 {
+    this.ensure(set);
+    return this.layout!.params;
+  }
+
+  /** The device's values into the host arrays (one copy). */
+  pull(): void {
+    const l = this.layout;
+    if (!this.mem.device || !l) return;
+    this.mem.read(l.params, l.host);
+    let at = 0;
+    for (const ad of l.adapters) {
+      ad.a.set(l.host.subarray(at, at + ad.a.length));
+      ad.b.set(l.host.subarray(at + ad.a.length, at + ad.a.length + ad.b.length));
+      at += ad.a.length + ad.b.length;
     }
   }
+
+  private upload(): void {
+    const l = this.layout!;
+    let at = 0;
+    for (const ad of l.adapters) {
+      l.host.set(ad.a, at);
+      l.host.set(ad.b, at + ad.a.length);
+      at += ad.a.length + ad.b.length;
+    }
+    this.mem.write(l.params, l.host);
+  }
+}
+
+/** The adapters with rank > 0, in paramList order (block, projection). */
+function trainable(set: AdapterSet): Adapter[] {
+  const out: Adapter[] = [];
+  for (const blk of set) for (const p of PROJECTIONS) if (blk?.[p] && blk[p]!.rank > 0) out.push(blk[p]!);
+  return out;
 }
 
 function maskedTargets(targets: Int32Array, mask?: Uint8Array): Int32Array {

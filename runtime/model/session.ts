@@ -132,6 +132,7 @@ export class KvSession implements InferenceSession {
       this.attendCache(l, q, att, lse, t, start + t);
     };
     const adapters = this.adapters();
+    r.ensureAdapters(adapters);
     for (let l = 0; l < r.config.layers; l++) r.forwardBlock(l, x, t, pos, adapters, attend);
     const { xf } = r.finalNorm(mem.view(x, (t - 1) * dim, dim), 1);
     const logits = mem.device ? work.logits.get(vocab) : this.out;
@@ -170,6 +171,7 @@ export class KvSession implements InferenceSession {
         s.attendCache(l, mem.view(q, i * dim, dim), mem.view(att, i * dim, dim), mem.view(lse, i * heads, heads), 1, p + 1);
       }
     };
+    r.ensureAdapters(adapters);
     for (let l = 0; l < r.config.layers; l++) r.forwardBlock(l, x, n, pos, adapters, attend);
     const { xf } = r.finalNorm(x, n);
     const all = new Float32Array(n * vocab);

@@ -1,5 +1,6 @@
 // Held-out evaluation: mean next-token cross-entropy over counted targets, perplexity = exp(mean CE).
 import type { PackedWindows } from '../data/dataset.ts';
+import type { BackendTraining } from '../model/llama.ts';
 import type { AdapterSet } from '../model/types.ts';
 
 /** The part of a model evaluation and training need (LlamaModel satisfies it; tests may use a toy). */
@@ -12,6 +13,8 @@ export interface TrainModel {
     tokens: Int32Array, targets: Int32Array, batch: number, seqLen: number,
     opts?: { mask?: Uint8Array; training?: boolean; seed?: number },
   ): { loss: number; count: number; grads: AdapterSet };
+  /** Training whose state stays on a GPU backend; absent or undefined: the host trains (LlamaModel.trainingOnBackend). */
+  trainingOnBackend?(): BackendTraining | undefined;
 }
 
 export interface EvalResult {

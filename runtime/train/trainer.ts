@@ -11,6 +11,8 @@ import { mixSeed, WindowSchedule, type PackedWindows } from '../data/dataset.ts'
 import { QaloraError } from '../errors.ts';
 import { Progress, sparkline } from '../progress.ts';
 import { AdamW, ADAMW_DEFAULTS } from './adamw.ts';
+import { BackendAdamW } from './backend-adamw.ts';
+import type { F32 } from '../model/memory.ts';
 import { hasCheckpoint, loadCheckpoint, saveCheckpoint, type TrainerState } from './checkpoint.ts';
 import { SYNC_CHECK_EVERY, type DataParallel } from './distributed.ts';
 import { evaluateWindows, type EvalResult, type TrainModel } from './evaluate.ts';
@@ -142,10 +144,84 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
     progress.log(`step ${step}: validation loss ${r.loss.toFixed(4)}, perplexity ${r.perplexity.toFixed(3)}`);
     return r;
   };
+  // On a GPU backend the adapters, the gradients and the moments stay on the device: a step reads back its loss and
+  // its gradient norm only, and the host arrays are brought up to date where files are written or ranks compared.
+  const onBackend = o.model.trainingOnBackend?.();
+  const backendOpt = onBackend ? new BackendAdamW(onBackend, opt) : undefined;
+  const pull = () => {
+    onBackend?.pull();
+    backendOpt?.pull();
+  };
   const save = () => {
     if (!root) return;
+    pull();
     saveCheckpoint(checkpointDir, o.model.adapters, o.adapterInfo, opt, { ...state, adamT: opt.t });
     if (o.plot ?? true) void writePlots(o.outDir, history);
+  };
+
+  type MicroBatch = ReturnType<TrainerOptions['train']['batch']>;
+  /** Runs fn on the step's micro-batches with counted targets (this rank's share); returns the positions seen. */
+  const forEachMicro = (step: number, fn: (b: MicroBatch, seed: number) => void): number => {
+    let positions = 0;
+    for (let micro = 0; micro < o.gradAccum; micro++) {
+      const idx = schedule.take(state.position + (dp?.rank ?? 0) * o.batchSize, o.batchSize);
+      state.position += o.batchSize * ranks;
+      const b = o.train.batch(idx);
+      positions += b.batch * b.seqLen;
+      if (b.count === 0) continue;
+      fn(b, dp ? dp.dropoutSeed(mixSeed(o.seed, step, micro)) : mixSeed(o.seed, step, micro));
+    }
+    return positions;
+  };
+  type StepTotals = { sum: number; count: number; positions: number };
+  /** The gradient of the step's mean loss, with clipping, is (grads sum)·clip/count: the factor AdamW takes. */
+  const gradScale = (step: number, t: StepTotals, norm: number): number => {
+    if (t.count === 0) throw new QaloraError(`step ${step}: no counted targets in the batch (is the whole data masked?)`);
+    return (o.maxGradNorm > 0 && norm > o.maxGradNorm ? o.maxGradNorm / (norm + 1e-6) : 1) / t.count;
+  };
+  const hostStep = (step: number, lr: number): StepTotals & { norm: number } => {
+    let sum = 0, count = 0;
+    const acc = params.map((p) => new Float32Array(p.data.length));
+    const positions = forEachMicro(step, (b, seed) => {
+      const r = o.model.lossAndGrad(b.tokens, b.targets, b.batch, b.seqLen, { mask: b.mask, training: true, seed });
+      sum += r.loss;
+      count += r.count;
+      const g = alignedGrads(params, r.grads);
+      for (let k = 0; k < acc.length; k++) {
+        const a = acc[k], gk = g[k];
+        for (let i = 0; i < a.length; i++) a[i] += gk[i];
+      }
+    });
+    const t = dp ? dp.reduceStep(acc, { sum, count, positions }) : { sum, count, positions };
+    const norm = timed('gradient clipping', () => globalNorm(acc) / Math.max(t.count, 1));
+    const scale = gradScale(step, t, norm);
+    timed('AdamW', () => opt.step(acc, lr, scale));
+    return { ...t, norm };
+  };
+  let accOnBackend: F32 | undefined;
+  const backendStep = (step: number, lr: number): StepTotals & { norm: number } => {
+    const on = onBackend!, { core, mem } = on;
+    let sum = 0, count = 0, acc: F32 | undefined;
+    const positions = forEachMicro(step, (b, seed) => {
+      const r = on.lossAndGrad(b.tokens, b.targets, b.batch, b.seqLen, { mask: b.mask, training: true, seed });
+      sum += r.loss;
+      count += r.count;
+      if (o.gradAccum === 1) acc = r.grads;
+      else if (acc !== undefined) core.add_inplace(acc, r.grads, on.length);
+      else mem.copy((acc = accOnBackend ??= mem.f32(on.length)), r.grads);
+    });
+    let t: StepTotals = { sum, count, positions };
+    if (dp || acc === undefined) {
+      // MPI reduces host arrays: the gradients go down, are summed over the ranks and come back up.
+      const host = acc ? mem.read(acc, new Float32Array(on.length)) : new Float32Array(on.length);
+      if (dp) t = dp.reduceStep([host], t);
+      mem.write((acc = accOnBackend ??= mem.f32(on.length)), host);
+    }
+    const g = acc;
+    const norm = timed('gradient clipping', () => Math.sqrt(core.sum_squares(g, on.length)) / Math.max(t.count, 1));
+    const scale = gradScale(step, t, norm);
+    timed('AdamW', () => backendOpt!.step(g, lr, scale));
+    return { ...t, norm };
   };
 
   if (startStep === 0 && o.val && o.evalEvery > 0) runEval(0);
@@ -155,33 +231,12 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
       const stepStart = performance.now();
       prof?.beginStep();
       const lr = lrAt(step);
-      let sum = 0, count = 0, positions = 0;
-      const acc = params.map((p) => new Float32Array(p.data.length));
-      for (let micro = 0; micro < o.gradAccum; micro++) {
-        const idx = schedule.take(state.position + (dp?.rank ?? 0) * o.batchSize, o.batchSize);
-        state.position += o.batchSize * ranks;
-        const b = o.train.batch(idx);
-        positions += b.batch * b.seqLen;
-        if (b.count === 0) continue;
-        const r = o.model.lossAndGrad(b.tokens, b.targets, b.batch, b.seqLen, {
-          mask: b.mask, training: true, seed: dp ? dp.dropoutSeed(mixSeed(o.seed, step, micro)) : mixSeed(o.seed, step, micro),
-        });
-        sum += r.loss;
-        count += r.count;
-        const g = alignedGrads(params, r.grads);
-        for (let k = 0; k < acc.length; k++) {
-          const a = acc[k], gk = g[k];
-          for (let i = 0; i < a.length; i++) a[i] += gk[i];
-        }
-      }
-      if (dp) ({ sum, count, positions } = dp.reduceStep(acc, { sum, count, positions }));
-      if (count === 0) throw new QaloraError(`step ${step}: no counted targets in the batch (is the whole data masked?)`);
-      // Gradient of the step's mean loss; clipping folds into the same scale factor.
-      const norm = timed('gradient clipping', () => globalNorm(acc) / count);
-      const clip = o.maxGradNorm > 0 && norm > o.maxGradNorm ? o.maxGradNorm / (norm + 1e-6) : 1;
-      timed('AdamW', () => opt.step(acc, lr, clip / count));
+      const { sum, count, positions, norm } = onBackend ? backendStep(step, lr) : hostStep(step, lr);
       prof?.endStep();
-      if (dp && step % SYNC_CHECK_EVERY === 0) dp.checkInSync(step, params, opt);
+      if (dp && step % SYNC_CHECK_EVERY === 0) {
+        pull();
+        dp.checkInSync(step, params, opt);
+      }
       const loss = sum / count;
       if (!Number.isFinite(loss)) throw new QaloraError(`step ${step}: loss is ${loss}; lower the learning rate (now ${lr})`);
       const seconds = (performance.now() - stepStart) / 1000;
@@ -211,6 +266,7 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
     save();
     if (!interrupted && root) savePeftAdapter(adapterDir, o.model.adapters, o.adapterInfo);
   } finally {
+    onBackend?.end();
     progress.stop();
     if (o.handleSigint ?? true) process.off('SIGINT', onSigint);
   }

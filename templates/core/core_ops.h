@@ -44,4 +44,9 @@ void f16_to_f32(const uint16_t* x, float* y, int64_t n);
 void f32_to_bf16(const float* x, uint16_t* y, int64_t n);
 void bf16_to_f32(const uint16_t* x, float* y, int64_t n);
 
+// AdamW over n parameters and a squared norm (optim.cpp; declared in optim.ops.json).
+void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
+                  double eps, double decay, double grad_scale, double bc1, double bc2);
+double sum_squares(const float* x, int64_t n);
+
 }  // namespace qalora::core

@@ -486,6 +486,47 @@ __global__ void QL_LAUNCH_BOUNDS(256, 1) cross_entropy_kernel(const float* logit
   }
 }
 
+// ---- Optimizer ---------------------------------------------------------------------------------------------------
+// AdamW in float64 per element, as optim.cpp (nvcc may contract a multiply-add that g++ does not: the emulator's
+// result is the CPU's bit for bit, a GPU's may differ in the last bit of a parameter).
+__global__ void adamw_update_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                                    float* __restrict__ v, int64_t n, double lr, double beta1, double beta2, double eps,
+                                    double decay, double grad_scale, double bc1, double bc2) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const double gi = (double)g[i] * grad_scale;
+    const double mi = beta1 * m[i] + (1 - beta1) * gi;
+    const double vi = beta2 * v[i] + (1 - beta2) * gi * gi;
+    m[i] = (float)mi;
+    v[i] = (float)vi;
+    p[i] = (float)(p[i] * decay - (lr * (mi / bc1)) / (sqrt(vi / bc2) + eps));
+  }
+}
+
+// Σ x² in two fixed-order passes: kSumBlocks·kThreads strided partial sums, then one block adds them in a tree.
+constexpr int kSumBlocks = 256;
+__global__ void sum_squares_partial_kernel(const float* __restrict__ x, int64_t n, double* __restrict__ partial) {
+  __shared__ double part[kThreads];
+  double s = 0;
+  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)kSumBlocks * kThreads) s += (double)x[i] * x[i];
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
+}
+__global__ void sum_squares_final_kernel(double* __restrict__ partial) {
+  __shared__ double part[kSumBlocks];
+  part[threadIdx.x] = partial[threadIdx.x];
+  __syncthreads();
+  for (int w = kSumBlocks / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[0] = part[0];
+}
+
 }  // namespace kern
 
 using kern::kThreads;
@@ -680,6 +721,26 @@ void bf16_to_f32(const uint16_t* x, float* y, int64_t n) {
   if (n <= 0) return;
   QL_LAUNCH(kern::from_half_kernel<true>, grid_for(n), kThreads, 0, 0)(x, y, n);
   ql::launched("core::from_half_kernel<bf16>");
+}
+
+void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
+                  double eps, double decay, double grad_scale, double bc1, double bc2) {
+  if (n <= 0) return;
+  QL_LAUNCH(kern::adamw_update_kernel, grid_for(n), kThreads, 0, 0)(p, g, m, v, n, lr, beta1, beta2, eps, decay, grad_scale, bc1, bc2);
+  ql::launched("core::adamw_update_kernel");
+}
+
+// Returns the sum, so it reads back 8 bytes (one wait).
+double sum_squares(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  ql::DeviceBuffer<double> partial(kern::kSumBlocks);
+  QL_LAUNCH(kern::sum_squares_partial_kernel, kern::kSumBlocks, kThreads, 0, 0)(x, n, partial.ptr);
+  ql::launched("core::sum_squares_partial_kernel");
+  QL_LAUNCH(kern::sum_squares_final_kernel, 1, kern::kSumBlocks, 0, 0)(partial.ptr);
+  ql::launched("core::sum_squares_final_kernel");
+  double total = 0;
+  ql::check(cudaMemcpy(&total, partial.ptr, sizeof(double), cudaMemcpyDeviceToHost), "core::sum_squares readback");
+  return total;
 }
 
 }  // namespace core
