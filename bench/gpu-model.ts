@@ -18,6 +18,9 @@ import type { BackendName, LlamaConfig, LlamaWeights, ProjectionName, QuantLinea
 import { DEFAULT_CUDA_ARCHS } from '../dsl/defaults.ts';
 import { splitmix32 } from '../runtime/random.ts';
 import { f32ToF16Bits } from '../runtime/safetensors.ts';
+import { AdamW } from '../runtime/train/adamw.ts';
+import { BackendAdamW } from '../runtime/train/backend-adamw.ts';
+import { paramList } from '../runtime/train/params.ts';
 
 const { values: o } = parseArgs({
   options: {
@@ -149,9 +152,16 @@ for (const batch of [1, 8]) {
   report({ op: 'decode', shape: o.shape, batch, tokS, roofline: roofline * batch, vs: tokS / (roofline * batch), of: 'bandwidth' });
 }
 
-// A training step: forward, recompute and backward at seqLen tokens (6·params·tokens flops).
+// A training step as the trainer takes it on a GPU backend: forward, recompute and backward at seqLen tokens
+// (6·params·tokens flops), the gradient norm and AdamW, all on the device.
 const tokens = Int32Array.from({ length: seqLen + 1 }, (_, i) => (i * 13 + 5) % shape.vocab);
-const trainStep = () => model.lossAndGrad(tokens.subarray(0, -1), tokens.subarray(1), 1, seqLen, { training: true, seed: 1 });
+const on = model.trainingOnBackend()!;
+const opt = new BackendAdamW(on, new AdamW(paramList(model.adapters)));
+const trainStep = () => {
+  const r = on.lossAndGrad(tokens.subarray(0, -1), tokens.subarray(1), 1, seqLen, { training: true, seed: 1 });
+  const norm = Math.sqrt(on.core.sum_squares(r.grads, on.length)) / r.count;
+  opt.step(r.grads, 1e-4, Math.min(1, 0.3 / norm) / r.count);
+};
 counters('train', seqLen, trainStep);
 trainStep();
 t = performance.now();

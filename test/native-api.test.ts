@@ -1,7 +1,7 @@
-// runtime/native-api.ts is emitted, not written: it must be what compiler/native-api.ts makes of the current op
-// descriptors, so the runtime's types are the addon's (`npm run gen:api` refreshes it). A spec's bindings start
-// with the same declarations.
-import { readFileSync } from 'node:fs';
+// runtime/native-api.ts is emitted, not written (nor committed): it must be what compiler/native-api.ts makes of
+// the current op descriptors, so the runtime's types are the addon's (`npm ci` writes it; `npm run gen:api`
+// refreshes it after a descriptor changed). A spec's bindings start with the same declarations.
+import { existsSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { NATIVE_API_PATH, emitNativeApi, nativeApiFile } from '../compiler/native-api.ts';
 import { loadOpDescriptors } from '../compiler/ops.ts';
@@ -9,6 +9,7 @@ import { defaultTemplateRoot } from '../compiler/render.ts';
 
 describe('runtime/native-api.ts', () => {
   it('is what the generator emits from the descriptors (run `npm run gen:api` after changing an op)', () => {
+    expect(existsSync(NATIVE_API_PATH), 'runtime/native-api.ts is missing: npm run gen:api').toBe(true);
     expect(readFileSync(NATIVE_API_PATH, 'utf8')).toBe(nativeApiFile());
   });
 
