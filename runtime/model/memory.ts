@@ -107,14 +107,10 @@ export class Grown<T extends Tensor> {
   private buf?: T;
   constructor(private readonly mem: Memory, private readonly make: (n: number) => T) {}
   get(n: number): T {
-    const have = this.buf ? lengthOf(this.buf) : 0;
+    const have = this.buf ? this.buf.length : 0;
     if (n > have) this.buf = this.make(Math.max(n, Math.ceil(have * 1.5)));
     return this.mem.view(this.buf!, 0, n);
   }
-}
-
-export function lengthOf(t: Tensor): number {
-  return t.length;
 }
 
 function mapValues<K extends string, A, B>(o: Record<K, A>, f: (a: A, k: K) => B): Record<K, B> {

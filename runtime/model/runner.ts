@@ -5,7 +5,8 @@
 //
 // Every tensor lives in the backend's memory (memory.ts): host arrays on the cpu; on cuda and emu the weights
 // are uploaded once, here, and activations, adapters and gradients stay on the device. The host sends token
-// ids, positions and targets, and reads back logits, the loss and the gradients.
+// ids, positions and targets, and reads back logits or the loss (and, unless a device optimizer takes them, the
+// gradients: LlamaModel.trainingOnBackend).
 import { PROJECTIONS } from '../../dsl/resolved.ts';
 import type { Adapter, AdapterSet, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
 import { specializationId, type CoreOps, type NativeOps, type SpecKernels } from './native-ops.ts';

@@ -23,12 +23,13 @@ class DevicePool {
   static size_t size_class(size_t bytes) {
 #ifdef QALORA_EMU
     return bytes;
-#endif
+#else
     constexpr size_t kLarge = (size_t)2 << 20;
     if (bytes >= ((size_t)1 << 20)) return (bytes + kLarge - 1) / kLarge * kLarge;
     size_t s = 256;
     while (s < bytes) s <<= 1;
     return s;
+#endif
   }
 
   void* get(size_t bytes) {
