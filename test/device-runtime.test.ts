@@ -1,8 +1,9 @@
 // The GPU runtime's contract, checked where there is no GPU: the emulator runs the generated CUDA and counts what
 // a GPU run would pay for (templates/emu/emu_counters.h). On stories260K, the model is uploaded once; a decode
 // step sends its token id and position up, waits once and reads its logits back; a training step uploads only
-// ids, targets and adapters and reads back only the loss and the gradients; and in a steady state nothing is
-// allocated. The results are those of the cpu backend: llama2.c's goldens, and the same training losses.
+// ids, positions and targets and reads back only its loss and its gradient norm (the trainer, AdamW on the
+// device; model.lossAndGrad alone also uploads the host's adapters and returns the gradients); and in a steady
+// state nothing is allocated. The results are those of the cpu backend: llama2.c's goldens, and the same training losses.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -135,8 +136,8 @@ describe('QA-LoRA stories260K on --backend emu: training on device-resident tens
     expect(adapterBytes).toBe(gradBytes);
     // Up: token ids, positions and targets (4 bytes each per row) and every adapter's A and B: no weight.
     expect(c.h2dBytes).toBe(3 * 4 * m + adapterBytes);
-    // Down: the per-row losses (the cross-entropy's readback) and all gradients in one download.
-    expect([c.d2hCalls, c.d2hBytes]).toEqual([2, 4 * m + gradBytes]);
+    // Down: the loss (summed on the device: 8 bytes) and all gradients in one download.
+    expect([c.d2hCalls, c.d2hBytes]).toEqual([2, 8 + gradBytes]);
     expect([c.syncs, c.allocs, c.frees]).toEqual([2, 0, 0]);
   });
 });
@@ -175,16 +176,16 @@ describe('the trainer on --backend emu: adapters, gradients and AdamW moments st
     // The trained adapters came back to the host (at the checkpoint of step 3 and at the end).
     const [a, b] = [paramList(cpu.model.adapters), paramList(emu.model.adapters)];
     a.forEach((p, k) => p.data.forEach((x, i) => expect(Math.abs(b[k].data[i] - x), `${p.key}[${i}]`).toBeLessThan(1e-4)));
-    // Steps 2 and 3: per micro-batch, ids, positions and targets go up and the per-row losses come down; once per
+    // Steps 2 and 3: per micro-batch, ids, positions and targets go up and the loss comes down (8 bytes); once per
     // step the gradient norm (8 bytes). No adapter, no weight, no gradient moves.
     const rows = 2 * 64, paramBytes = a.reduce((n, p) => n + p.data.byteLength, 0);
     for (const c of [perStep[0], perStep[1]]) {
       expect([c.h2dCalls, c.h2dBytes]).toEqual([2 * 3, 2 * 3 * 4 * rows]);
-      expect([c.d2hCalls, c.d2hBytes, c.syncs]).toEqual([2 + 1, 2 * 4 * rows + 8, 3]);
+      expect([c.d2hCalls, c.d2hBytes, c.syncs]).toEqual([2 + 1, 2 * 8 + 8, 3]);
       expect([c.allocs, c.frees]).toEqual([0, 0]);
     }
     // The checkpoint after step 3 (counted with step 4) reads the adapters and both AdamW moments back, once each.
-    expect([perStep[2].d2hCalls, perStep[2].d2hBytes]).toEqual([3 + 3, 2 * 4 * rows + 8 + 3 * paramBytes]);
+    expect([perStep[2].d2hCalls, perStep[2].d2hBytes]).toEqual([3 + 3, 2 * 8 + 8 + 3 * paramBytes]);
   });
 });
 

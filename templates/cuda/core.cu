@@ -95,6 +95,31 @@ __global__ void QL_LAUNCH_BOUNDS(256, 2) gemm_kernel(const float* __restrict__ a
   }
 }
 
+// ---- GEMV: C[m, n] = A·Bᵀ for a few rows (decode's float classifier, m ≤ kGemvRows): a warp per column j reads
+// row j of B once, coalesced, for all m rows of A; a 64×64 tile would leave all but m of its 64 rows idle.
+constexpr int kGemvRows = 8, kGemvWarps = 8;
+__global__ void QL_LAUNCH_BOUNDS(kGemvWarps * 32, 2) gemv_nt_kernel(const float* __restrict__ a, const float* __restrict__ b,
+                                                                   float* __restrict__ c, int64_t m, int64_t n, int64_t k,
+                                                                   bool accumulate) {
+  const int lane = threadIdx.x & 31;
+  const int64_t j = (int64_t)blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
+  if (j >= n) return;  // whole warps leave together
+  const float* w = b + j * k;
+  float acc[kGemvRows] = {};
+  for (int64_t kk = lane; kk < k; kk += 32) {
+    const float wv = w[kk];
+    QL_UNROLL
+    for (int r = 0; r < kGemvRows; r++)
+      if (r < m) acc[r] = fmaf(a[r * k + kk], wv, acc[r]);
+  }
+  QL_UNROLL
+  for (int r = 0; r < kGemvRows; r++) {
+    if (r >= m) break;
+    const float s = warp_sum(acc[r]);
+    if (lane == 0) c[r * n + j] = accumulate ? c[r * n + j] + s : s;
+  }
+}
+
 // ---- Embedding ----------------------------------------------------------------------------------------------
 __global__ void embedding_forward_kernel(const float* __restrict__ table, const int32_t* __restrict__ ids,
                                          float* __restrict__ out, int64_t n, int64_t vocab, int64_t dim) {
@@ -502,12 +527,14 @@ __global__ void adamw_update_kernel(float* __restrict__ p, const float* __restri
   }
 }
 
-// Σ x² in two fixed-order passes: kSumBlocks·kThreads strided partial sums, then one block adds them in a tree.
+// Σ x (or Σ x²) in two fixed-order passes: kSumBlocks·kThreads strided partial sums, then one block adds them in
+// a tree.
 constexpr int kSumBlocks = 256;
-__global__ void sum_squares_partial_kernel(const float* __restrict__ x, int64_t n, double* __restrict__ partial) {
+__global__ void sum_partial_kernel(const float* __restrict__ x, int64_t n, bool squares, double* __restrict__ partial) {
   __shared__ double part[kThreads];
   double s = 0;
-  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)kSumBlocks * kThreads) s += (double)x[i] * x[i];
+  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)kSumBlocks * kThreads)
+    s += squares ? (double)x[i] * x[i] : (double)x[i];
   part[threadIdx.x] = s;
   __syncthreads();
   for (int w = kThreads / 2; w > 0; w >>= 1) {
@@ -516,7 +543,7 @@ __global__ void sum_squares_partial_kernel(const float* __restrict__ x, int64_t 
   }
   if (threadIdx.x == 0) partial[blockIdx.x] = part[0];
 }
-__global__ void sum_squares_final_kernel(double* __restrict__ partial) {
+__global__ void sum_final_kernel(double* __restrict__ partial) {
   __shared__ double part[kSumBlocks];
   part[threadIdx.x] = partial[threadIdx.x];
   __syncthreads();
@@ -539,6 +566,11 @@ inline unsigned grid_for(int64_t n) {
 void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b,
           bool accumulate) {
   if (m <= 0 || n <= 0) return;
+  if (m <= kern::kGemvRows && trans_b && !trans_a) {
+    QL_LAUNCH(kern::gemv_nt_kernel, ql::ceil_div(n, kern::kGemvWarps), kern::kGemvWarps * 32, 0, 0)(a, b, c, m, n, k, accumulate);
+    ql::launched("core::gemv_nt_kernel");
+    return;
+  }
   QL_LAUNCH(kern::gemm_kernel, dim3(ql::ceil_div(n, kern::BN), ql::ceil_div(m, kern::BM)), kThreads, 0, 0)(
       a, b, c, m, n, k, trans_a, trans_b, accumulate);
   ql::launched("core::gemm_kernel");
@@ -673,18 +705,26 @@ void swiglu_backward(const float* gate, const float* up, const float* dout, floa
 }
 
 namespace {
-// The loss is the return value, so this op reads back: n per-row losses, summed on the host in row order (the
-// CPU's order). It is the one wait of a training chunk.
+// Σ of n floats into one double on the device, in a fixed order (sum_squares's two passes); reads back 8 bytes.
+double device_sum(const float* x, int64_t n, bool squares) {
+  ql::DeviceBuffer<double> partial(kern::kSumBlocks);
+  QL_LAUNCH(kern::sum_partial_kernel, kern::kSumBlocks, kThreads, 0, 0)(x, n, squares, partial.ptr);
+  ql::launched("core::sum_partial_kernel");
+  QL_LAUNCH(kern::sum_final_kernel, 1, kern::kSumBlocks, 0, 0)(partial.ptr);
+  ql::launched("core::sum_final_kernel");
+  double total = 0;
+  ql::check(cudaMemcpy(&total, partial.ptr, sizeof(double), cudaMemcpyDeviceToHost), "core::sum readback");
+  return total;
+}
+
+// The loss is the return value, so this op reads back: the rows' losses summed on the device, 8 bytes. It is the
+// one wait of a training chunk.
 double cross_entropy(const float* logits, const int32_t* targets, int64_t n, int64_t vocab, float scale, float* dlogits) {
   if (n <= 0) return 0.0;
   ql::DeviceBuffer<float> loss(n);
   QL_LAUNCH(kern::cross_entropy_kernel, (unsigned)n, kThreads, 0, 0)(logits, targets, vocab, scale, dlogits, loss.ptr);
   ql::launched("core::cross_entropy_kernel");
-  std::vector<float> rows(n);
-  ql::check(cudaMemcpy(rows.data(), loss.ptr, n * sizeof(float), cudaMemcpyDeviceToHost), "core::cross_entropy readback");
-  double total = 0.0;
-  for (const float r : rows) total += r;
-  return total;
+  return device_sum(loss.ptr, n, false);
 }
 }  // namespace
 
@@ -732,15 +772,7 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, doubl
 
 // Returns the sum, so it reads back 8 bytes (one wait).
 double sum_squares(const float* x, int64_t n) {
-  if (n <= 0) return 0.0;
-  ql::DeviceBuffer<double> partial(kern::kSumBlocks);
-  QL_LAUNCH(kern::sum_squares_partial_kernel, kern::kSumBlocks, kThreads, 0, 0)(x, n, partial.ptr);
-  ql::launched("core::sum_squares_partial_kernel");
-  QL_LAUNCH(kern::sum_squares_final_kernel, 1, kern::kSumBlocks, 0, 0)(partial.ptr);
-  ql::launched("core::sum_squares_final_kernel");
-  double total = 0;
-  ql::check(cudaMemcpy(&total, partial.ptr, sizeof(double), cudaMemcpyDeviceToHost), "core::sum_squares readback");
-  return total;
+  return n > 0 ? device_sum(x, n, true) : 0.0;
 }
 
 }  // namespace core
