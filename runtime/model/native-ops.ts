@@ -38,7 +38,8 @@ export async function loadNativeOps(spec: ResolvedSpec | undefined, backend: Bac
   const native = await import('../native.ts');
   const gpu = backend !== 'cpu';
   const targets = { cpu: true, cuda: gpu ? { archs: spec?.targets.cuda?.archs ?? [...DEFAULT_CUDA_ARCHS] } : null };
-  const addon: Addon = await native.loadSpecializations((spec?.layers ?? []).map(native.keyOf), targets);
+  // The emulator needs no nvcc: an emu run does not wait for the real CUDA build (a cuda run builds it).
+  const addon: Addon = await native.loadSpecializations((spec?.layers ?? []).map(native.keyOf), targets, { noCuda: backend === 'emu' });
   if (!spec && !gpu) return { core: addon.core, kernels: {}, backend, addon };
   const available = addon.backends();
   const table = addon.kernels[backend];

@@ -2,6 +2,7 @@
 // equations (docs/ARCHITECTURE.md, notes §1) and the native kernels can be checked against it. Quantization
 // follows templates/common/qalora_common.h in fp32 steps so it agrees bit for bit; everything else is float64.
 import type { Bits, Pool, ScaleDType } from '../../dsl/resolved.ts';
+import type { LayerCallArgs } from '../native-api.ts';
 import { dropoutKeep, f16ToF32, f32ToF16, packQ, rintEven, unpackQ, wordsPerRow } from './numeric.ts';
 
 /** alpha/beta in the storage asked for: Float32Array (fp32), or Uint16Array of fp16 bits (fp16). */
@@ -11,8 +12,11 @@ export interface RefQuantized {
   beta: Float32Array | Uint16Array;
 }
 
-/** One layer call: the same fields as the native LayerArgs, with bits/group/pool from the specialization. */
-export interface RefLayerArgs {
+/**
+ * One layer call: the native LayerArgs' sizes and settings (runtime/native-api.ts, emitted from the kernel ABI)
+ * with its arrays as plain numbers, and bits/group/pool from the specialization.
+ */
+export interface RefLayerArgs extends Pick<LayerCallArgs, 'm' | 'in' | 'out' | 'rank' | 'scale' | 'poolScale' | 'dropout' | 'training' | 'seed'> {
   bits: Bits;
   group: number;
   pool: Pool;
@@ -21,15 +25,6 @@ export interface RefLayerArgs {
   beta: ArrayLike<number>;
   loraA?: ArrayLike<number>;
   loraB?: ArrayLike<number>;
-  m: number;
-  in: number;
-  out: number;
-  rank: number;
-  scale: number;
-  poolScale: number;
-  dropout: number;
-  training: boolean;
-  seed: number | bigint;
 }
 
 function checkGroup(inFeatures: number, group: number): number {

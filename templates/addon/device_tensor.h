@@ -121,6 +121,13 @@ class DeviceTensor : public Napi::ObjectWrap<DeviceTensor> {
   Napi::Value download(const Napi::CallbackInfo& info);
   // src (a tensor of this backend and dtype) into [offset, offset + src.length): queued.
   Napi::Value copy_from(const Napi::CallbackInfo& info);
+  // The typed array argument of upload/download (info[0], offset info[1]), checked against this tensor.
+  struct HostSpan {
+    uint8_t* host;
+    uint8_t* device;
+    size_t bytes;
+  };
+  HostSpan host_span(const Napi::CallbackInfo& info, const char* fn, const char* arg) const;
   // This handle lets go of the memory; the block goes back to the pool once no view holds it.
   Napi::Value release(const Napi::CallbackInfo& info) {
     alloc_.reset();
@@ -211,35 +218,29 @@ inline Napi::Value DeviceTensor::view(const Napi::CallbackInfo& info) {
   return make(info.Env(), Init{alloc_, offset_ + off, len, dtype_});
 }
 
-inline Napi::Value DeviceTensor::upload(const Napi::CallbackInfo& info) {
-  static const char* fn = "DeviceTensor.upload";
+inline DeviceTensor::HostSpan DeviceTensor::host_span(const Napi::CallbackInfo& info, const char* fn, const char* arg) const {
   DType t;
   if (!info[0].IsTypedArray() || !dtype_of(info[0].As<Napi::TypedArray>().TypedArrayType(), &t) || t != dtype_)
-    type_error(info.Env(), std::string(fn) + ": 'src' must be a typed array of " + dtype_name(dtype_) + ", got " + qalora::addon::describe(info[0]));
+    type_error(info.Env(), std::string(fn) + ": '" + arg + "' must be a typed array of " + dtype_name(dtype_) + ", got " + qalora::addon::describe(info[0]));
   auto a = info[0].As<Napi::TypedArray>();
   const int64_t off = tensor_offset(info[1], fn, length_);
   if (off + (int64_t)a.ElementLength() > length_)
     range_error(info.Env(), std::string(fn) + ": " + std::to_string(a.ElementLength()) + " elements at offset " + std::to_string(off) +
                                 " do not fit the tensor's " + std::to_string(length_));
   if (!alloc_) type_error(info.Env(), std::string(fn) + ": the tensor was released");
-  alloc_->mem->upload(static_cast<uint8_t*>(raw()) + off * dtype_bytes(dtype_),
-                      static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset(), a.ByteLength());
+  return {static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset(), static_cast<uint8_t*>(raw()) + off * dtype_bytes(dtype_),
+          a.ByteLength()};
+}
+
+inline Napi::Value DeviceTensor::upload(const Napi::CallbackInfo& info) {
+  const HostSpan s = host_span(info, "DeviceTensor.upload", "src");
+  alloc_->mem->upload(s.device, s.host, s.bytes);
   return info.Env().Undefined();
 }
 
 inline Napi::Value DeviceTensor::download(const Napi::CallbackInfo& info) {
-  static const char* fn = "DeviceTensor.download";
-  DType t;
-  if (!info[0].IsTypedArray() || !dtype_of(info[0].As<Napi::TypedArray>().TypedArrayType(), &t) || t != dtype_)
-    type_error(info.Env(), std::string(fn) + ": 'dst' must be a typed array of " + dtype_name(dtype_) + ", got " + qalora::addon::describe(info[0]));
-  auto a = info[0].As<Napi::TypedArray>();
-  const int64_t off = tensor_offset(info[1], fn, length_);
-  if (off + (int64_t)a.ElementLength() > length_)
-    range_error(info.Env(), std::string(fn) + ": " + std::to_string(a.ElementLength()) + " elements at offset " + std::to_string(off) +
-                                " run past the tensor's " + std::to_string(length_));
-  if (!alloc_) type_error(info.Env(), std::string(fn) + ": the tensor was released");
-  alloc_->mem->download(static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset(),
-                        static_cast<uint8_t*>(raw()) + off * dtype_bytes(dtype_), a.ByteLength());
+  const HostSpan s = host_span(info, "DeviceTensor.download", "dst");
+  alloc_->mem->download(s.host, s.device, s.bytes);
   return info[0];
 }
 
