@@ -159,7 +159,7 @@ const on = model.trainingOnBackend()!;
 const opt = new BackendAdamW(on, new AdamW(paramList(model.adapters)));
 const trainStep = () => {
   const r = on.lossAndGrad(tokens.subarray(0, -1), tokens.subarray(1), 1, seqLen, { training: true, seed: 1 });
-  const norm = Math.sqrt(on.core.sum_squares(r.grads, on.length)) / r.count;
+  const norm = Math.sqrt(on.core.sum_squares(r.grads, on.params.length)) / r.count;
   opt.step(r.grads, 1e-4, Math.min(1, 0.3 / norm) / r.count);
 };
 counters('train', seqLen, trainStep);

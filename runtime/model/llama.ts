@@ -78,7 +78,6 @@ export interface InferenceSession {
 export interface BackendTraining {
   /** Every adapter's A then B, flat in paramList order, on the backend. */
   readonly params: F32;
-  readonly length: number;
   readonly core: CoreOps;
   readonly mem: Memory;
   /** Loss and the gradient of every parameter, flat like params (the backend's buffer, overwritten by the next call). */
@@ -159,7 +158,6 @@ export class LlamaModel {
     const params = r.deviceAdapters(this.adapters);
     return {
       params,
-      length: params.length,
       core: r.core,
       mem: r.mem,
       lossAndGrad: (tokens, targets, batch, seqLen, opts = {}) => {

@@ -10,23 +10,23 @@ export class BackendAdamW {
   private readonly v: F32;
 
   constructor(private readonly on: BackendTraining, private readonly host: AdamW) {
-    this.m = on.mem.f32(on.length);
-    this.v = on.mem.f32(on.length);
-    on.mem.write(this.m, flatten(host.m, on.length));
-    on.mem.write(this.v, flatten(host.v, on.length));
+    this.m = on.mem.f32(on.params.length);
+    this.v = on.mem.f32(on.params.length);
+    on.mem.write(this.m, flatten(host.m, on.params.length));
+    on.mem.write(this.v, flatten(host.v, on.params.length));
   }
 
   /** One update with the flat gradients scaled by gradScale (clipping, 1/count). */
   step(grads: F32, lr: number, gradScale = 1): void {
     const h = this.host, { beta1, beta2, eps, weightDecay } = h.opts;
     h.t++;
-    this.on.core.adamw_update(this.on.params, grads, this.m, this.v, this.on.length, lr, beta1, beta2, eps, 1 - lr * weightDecay, gradScale, 1 - beta1 ** h.t, 1 - beta2 ** h.t);
+    this.on.core.adamw_update(this.on.params, grads, this.m, this.v, this.on.params.length, lr, beta1, beta2, eps, 1 - lr * weightDecay, gradScale, 1 - beta1 ** h.t, 1 - beta2 ** h.t);
   }
 
   /** The moments into the host optimizer's arrays (checkpoints, sync checks). */
   pull(): void {
-    unflatten(this.on.mem.read(this.m, new Float32Array(this.on.length)), this.host.m);
-    unflatten(this.on.mem.read(this.v, new Float32Array(this.on.length)), this.host.v);
+    unflatten(this.on.mem.read(this.m, new Float32Array(this.on.params.length)), this.host.m);
+    unflatten(this.on.mem.read(this.v, new Float32Array(this.on.params.length)), this.host.v);
   }
 }
 

@@ -207,18 +207,18 @@ export async function train(o: TrainerOptions): Promise<TrainResult> {
       sum += r.loss;
       count += r.count;
       if (o.gradAccum === 1) acc = r.grads;
-      else if (acc !== undefined) core.add_inplace(acc, r.grads, on.length);
-      else mem.copy((acc = accOnBackend ??= mem.f32(on.length)), r.grads);
+      else if (acc !== undefined) core.add_inplace(acc, r.grads, on.params.length);
+      else mem.copy((acc = accOnBackend ??= mem.f32(on.params.length)), r.grads);
     });
     let t: StepTotals = { sum, count, positions };
     if (dp || acc === undefined) {
       // MPI reduces host arrays: the gradients go down, are summed over the ranks and come back up.
-      const host = acc ? mem.read(acc, new Float32Array(on.length)) : new Float32Array(on.length);
+      const host = acc ? mem.read(acc, new Float32Array(on.params.length)) : new Float32Array(on.params.length);
       if (dp) t = dp.reduceStep([host], t);
-      mem.write((acc = accOnBackend ??= mem.f32(on.length)), host);
+      mem.write((acc = accOnBackend ??= mem.f32(on.params.length)), host);
     }
     const g = acc;
-    const norm = timed('gradient clipping', () => Math.sqrt(core.sum_squares(g, on.length)) / Math.max(t.count, 1));
+    const norm = timed('gradient clipping', () => Math.sqrt(core.sum_squares(g, on.params.length)) / Math.max(t.count, 1));
     const scale = gradScale(step, t, norm);
     timed('AdamW', () => backendOpt!.step(g, lr, scale));
     return { ...t, norm };

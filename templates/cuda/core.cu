@@ -742,26 +742,20 @@ void add_inplace(float* y, const float* x, int64_t n) {
   ql::launched("core::add_inplace_kernel");
 }
 
-void f32_to_f16(const float* x, uint16_t* y, int64_t n) {
+namespace {
+// One element-wise cast launch; `name` is what a launch error reports.
+template <class From, class To>
+void cast(void (*kernel)(const From*, To*, int64_t), const char* name, const From* x, To* y, int64_t n) {
   if (n <= 0) return;
-  QL_LAUNCH(kern::to_half_kernel<false>, grid_for(n), kThreads, 0, 0)(x, y, n);
-  ql::launched("core::to_half_kernel<fp16>");
+  QL_LAUNCH(kernel, grid_for(n), kThreads, 0, 0)(x, y, n);
+  ql::launched(name);
 }
-void f16_to_f32(const uint16_t* x, float* y, int64_t n) {
-  if (n <= 0) return;
-  QL_LAUNCH(kern::from_half_kernel<false>, grid_for(n), kThreads, 0, 0)(x, y, n);
-  ql::launched("core::from_half_kernel<fp16>");
-}
-void f32_to_bf16(const float* x, uint16_t* y, int64_t n) {
-  if (n <= 0) return;
-  QL_LAUNCH(kern::to_half_kernel<true>, grid_for(n), kThreads, 0, 0)(x, y, n);
-  ql::launched("core::to_half_kernel<bf16>");
-}
-void bf16_to_f32(const uint16_t* x, float* y, int64_t n) {
-  if (n <= 0) return;
-  QL_LAUNCH(kern::from_half_kernel<true>, grid_for(n), kThreads, 0, 0)(x, y, n);
-  ql::launched("core::from_half_kernel<bf16>");
-}
+}  // namespace
+
+void f32_to_f16(const float* x, uint16_t* y, int64_t n) { cast(kern::to_half_kernel<false>, "core::to_half_kernel<fp16>", x, y, n); }
+void f16_to_f32(const uint16_t* x, float* y, int64_t n) { cast(kern::from_half_kernel<false>, "core::from_half_kernel<fp16>", x, y, n); }
+void f32_to_bf16(const float* x, uint16_t* y, int64_t n) { cast(kern::to_half_kernel<true>, "core::to_half_kernel<bf16>", x, y, n); }
+void bf16_to_f32(const uint16_t* x, float* y, int64_t n) { cast(kern::from_half_kernel<true>, "core::from_half_kernel<bf16>", x, y, n); }
 
 void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double beta1, double beta2,
                   double eps, double decay, double grad_scale, double bc1, double bc2) {
