@@ -5,12 +5,14 @@
 // Then the GEMV's modes at M = 1 and 4, rank 0: fp32 against fp16 α/β (`scales fp16`: 2 bits per weight fewer at
 // g 32) and fp16 α/β with int8 activations (`--activations int8`), timed in alternating rounds so a busy machine
 // slows all alike; medians reported.
-// Options: QALORA_BENCH_QUICK=1 runs one shape; QALORA_THREADS sets the thread count.
+// Options: QALORA_BENCH_QUICK=1 runs one shape; QALORA_THREADS sets the thread count; --gemv runs only the GEMV table.
 import type { ResolvedLayer, ResolvedSpec, ScaleDType } from '../dsl/resolved.ts';
 import { poolScale } from '../dsl/resolved.ts';
 import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
 import { newScales } from '../runtime/model/scales.ts';
 import { wordsPerRow } from '../runtime/reference/numeric.ts';
+import type { CoreOps } from '../runtime/model/native-ops.ts';
+import { f16ToF32Array, f32ToF16Bits } from '../runtime/safetensors.ts';
 
 interface Line {
   name: string;
@@ -73,6 +75,10 @@ async function main() {
   const threads = k.core.cpu_threads() as number;
   const bandwidth = k.core.cpu_read_bandwidth(1 << 30, 5) as number;
   console.log(`CPU kernels, ${threads} threads; read bandwidth probe: ${bandwidth.toFixed(1)} GB/s (1 GiB, best of 5)`);
+  if (process.argv.includes('--gemv')) {
+    await gemvModes(k.kernels.cpu!, bandwidth);
+    return classifierTables(k.core);
+  }
   console.log('group 32, rank 64 adapter (mean pooling) included in every forward; fp32 activations\n');
   console.log(
     'layer                 bits     M |  forward ms    GB/s  %roofline  GFLOP/s  per-core | fp32 GEMM ms  GFLOP/s  per-core  ratio | backward ms  GFLOP/s',
@@ -115,6 +121,7 @@ async function main() {
     }
   }
   await gemvModes(k.kernels.cpu!, bandwidth);
+  classifierTables(k.core);
   console.log('\nGB/s counts q, α and β once per forward; ratio = fp32 GEMM time ÷ forward time (1.00 = as fast as fp32).');
   console.log('per-core = GFLOP per CPU-second consumed (all threads): comparable across runs even on a busy machine.');
   console.log('backward GFLOP/s counts the dx = dy·Ŵ GEMM only; the adapter products come on top.');
@@ -173,6 +180,23 @@ async function gemvModes(cpu: Record<string, KernelSet>, bandwidth: number) {
       const speedup = med(runs[1].t) / med(runs[2].t);
       console.log(`${line.name.padEnd(20)} ${String(line.bits).padStart(4)} ${String(m).padStart(2)} | ${cols.join(' | ')} | ${fmt(speedup, 2)}x`);
     }
+  }
+}
+
+/**
+ * The classifier at TinyLlama's size (32 000 × 2048) with its table in fp16 (core gemm_half: a GGUF/HF F16 table
+ * kept as it is stored) against the same table widened to fp32 (core gemm): half the bytes per token.
+ */
+function classifierTables(core: CoreOps) {
+  const n = 32000, k = 2048;
+  const w = Uint16Array.from(random(n * k, 1, 7), f32ToF16Bits), wf = f16ToF32Array(w);
+  console.log('\nClassifier 32000×2048 (medians of 9): fp16 table (gemm_half) vs fp32 table (gemm)');
+  for (const m of [1, 8]) {
+    const x = random(m * k, 1, 8), y = new Float32Array(m * n);
+    const median = (fn: () => void) => { fn(); const t: number[] = []; for (let r = 0; r < 9; r++) t.push(time(1, fn).wall); return t.sort((a, b) => a - b)[4]; };
+    const th = median(() => core.gemm_half(x, w, y, m, n, k, true, false, false));
+    const tf = median(() => core.gemm(x, wf, y, m, n, k, false, true, false));
+    console.log(`  M = ${m}: fp16 ${fmt(th * 1e3, 2)} ms ${fmt((2 * n * k) / th / 1e9)} GB/s | fp32 ${fmt(tf * 1e3, 2)} ms ${fmt((4 * n * k) / tf / 1e9)} GB/s | ${fmt(tf / th, 2)}×`);
   }
 }
 

@@ -51,9 +51,11 @@ function both<T extends readonly unknown[]>(make: () => T, call: (ops: CoreOps, 
 }
 
 describe('GPU core ops on the emulator match the CPU core ops', () => {
-  it('exposes every op of core.ops.json and optim.ops.json on the emu backend, the fp16/bf16 casts included', () => {
-    const declared = ['core', 'optim'].flatMap((f) => (JSON.parse(readFileSync(new URL(`../templates/core/${f}.ops.json`, import.meta.url), 'utf8')) as Array<{ name: string }>).map((d) => d.name));
-    expect(gpuOps.sort()).toEqual(declared.sort());
+  it('exposes every op of core.ops.json and optim.ops.json on the emu backend (but the half-table ops), the fp16/bf16 casts included', () => {
+    const declared = ['core', 'optim'].flatMap((f) => JSON.parse(readFileSync(new URL(`../templates/core/${f}.ops.json`, import.meta.url), 'utf8')) as Array<{ name: string; cuda?: boolean }>);
+    expect(gpuOps.sort()).toEqual(declared.filter((d) => d.cuda).map((d) => d.name).sort());
+    // CPU only, by design: a GPU runner holds a half token table in fp32 (runtime/model/runner.ts)
+    expect(declared.filter((d) => !d.cuda).map((d) => d.name).sort()).toEqual(['embedding_forward_half', 'gemm_half']);
     expect(emu.gemm).not.toBe(cpu.gemm);
     expect(emu.f32_to_f16).not.toBe(cpu.f32_to_f16);
   });

@@ -98,7 +98,7 @@ describe('Hugging Face directories', () => {
     expectSameWeights(untied, readHfModel(join(dir, 'untied')));
   });
 
-  it('reads F16 and BF16 checkpoints (values are the rounded float32 weights)', () => {
+  it('reads F16 and BF16 checkpoints (values are the rounded float32 weights; the token table kept as half bits)', () => {
     const w = readLlama2c(fixture(BIN));
     const d = join(dir, 'half');
     writeHfModel(d, w);
@@ -107,6 +107,9 @@ describe('Hugging Face directories', () => {
       const half = new Map([...st.tensors].map(([n, t]) => [n, f32To16(dtype, t.shape, new Float32Array(t.data.slice().buffer))]));
       writeSafetensors(join(d, 'model.safetensors'), half);
       const back = readHfModel(d);
+      // the token table stays in the checkpoint's half type (bits as stored), the classifier tied to it
+      expect(back.tokEmbedding).toMatchObject({ kind: 'half', dtype: dtype === 'F16' ? 'fp16' : 'bf16' });
+      expect(back.classifier).toBe(back.tokEmbedding);
       const round = dtype === 'F16' ? (x: number) => f16BitsToF32(f32ToF16Bits(x)) : (x: number) => new Float32Array(new Uint32Array([f32ToBf16Bits(x) << 16]).buffer)[0];
       let bad = 0;
       const we = denseTable(w.tokEmbedding), be = denseTable(back.tokEmbedding);

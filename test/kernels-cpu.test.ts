@@ -99,6 +99,17 @@ describe('forward against the reference', () => {
   });
 });
 
+describe('the 4-bit fp32 GEMV (gemv_q4.h): two blocks per load, every pass size, an odd last block', () => {
+  // The grid's 4-bit specializations at the GEMV's row counts (passes of 4 rows: 1–4, 5, 8, a remainder,
+  // 16) and at in = 288 for group 32: nine blocks, so the last one goes through the single-block tail.
+  const b4 = grid.keys.filter((k) => k.bits === 4 && k.group % 32 === 0).map((k) => grid.cases.find((g) => g.id === gridId(k))!);
+  for (const c0 of b4)
+    for (const m of [1, 2, 3, 4, 5, 8, 11, 16]) {
+      const c = { ...c0, m, in: c0.group === 32 ? 288 : c0.in, rank: m % 2 ? c0.rank : 0 };
+      it(caseName(c), () => expect(checkForward(c, false, 700 + m)).toBe(''));
+    }
+});
+
 describe('backward against the reference (training, dropout 0.1)', () => {
   grid.cases.forEach((c, i) => {
     it(caseName(c), () => {

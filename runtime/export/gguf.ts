@@ -226,7 +226,14 @@ function planGguf(w: LlamaWeights, vocab: GgufVocab, opts: GgufExportOptions): {
     const type = choice.type;
     tensors.push({ name, dims: [lin.in, lin.out], type: GgmlType[type], read: () => { const enc = encodeBlocks(lin, type); report.maxAbsError = enc.maxAbsError; return enc.data; } });
   };
-  const table = (name: string, t: TokenTable) => (t instanceof Float32Array ? matrix(name, t, c.vocab, c.dim) : quantMatrix(name, t));
+  const table = (name: string, t: TokenTable) => {
+    if (t instanceof Float32Array) return matrix(name, t, c.vocab, c.dim);
+    if (t.kind === 'quant') return quantMatrix(name, t);
+    // A half table goes back as the bits it came with: the tensor is byte-identical to the input's.
+    const type = t.dtype === 'bf16' ? 'BF16' : 'F16';
+    tensors.push({ name, dims: [t.in, t.out], type: GgmlType[type], data: new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength) });
+    reports.push({ name, type, maxAbsError: 0 });
+  };
   table('token_embd.weight', w.tokEmbedding);
   w.blocks.forEach((b, l) => {
     vec(`blk.${l}.attn_norm.weight`, b.attnNorm);

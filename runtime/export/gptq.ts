@@ -15,7 +15,7 @@ import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
 import { f16BitsToF32, f32ToF16Bits, f32To16, tensorOf, writeFileAtomic, writeSafetensors, type SafeTensor } from '../safetensors.ts';
 import { PROJECTIONS } from '../../dsl/resolved.ts';
 import { denseWeight } from './gguf.ts';
-import { denseTable } from '../model/dense.ts';
+import { tableTensor } from '../model/dense.ts';
 import { scaleValues } from '../model/scales.ts';
 
 export interface GptqExportOptions {
@@ -105,7 +105,7 @@ export function writeGptqModel(dir: string, w: LlamaWeights, o: GptqExportOption
   if (quant.length === 0) throw new QaloraError('GPTQ export needs a quantized model (give --spec to quantize a float one)');
   const { bits, group } = quant[0].settings;
   if (quant.some((l) => l.settings.bits !== bits)) throw new QaloraError('GPTQ export: quantize_config holds one bit width, the model mixes several; export GGUF or safetensors');
-  const tensors: [string, SafeTensor][] = [['model.embed_tokens.weight', tensorOf('F32', [c.vocab, c.dim], denseTable(w.tokEmbedding))]];
+  const tensors: [string, SafeTensor][] = [['model.embed_tokens.weight', tableTensor(w.tokEmbedding, c.vocab, c.dim)]];
   const dense: string[] = [];
   const groupPattern: Record<string, number> = {};
   let maxErr = 0, quantized = 0;
@@ -134,7 +134,7 @@ export function writeGptqModel(dir: string, w: LlamaWeights, o: GptqExportOption
     }
   });
   tensors.push(['model.norm.weight', tensorOf('F32', [c.dim], w.finalNorm)]);
-  if (!c.tiedClassifier) tensors.push(['lm_head.weight', tensorOf('F32', [c.vocab, c.dim], denseTable(w.classifier))]);
+  if (!c.tiedClassifier) tensors.push(['lm_head.weight', tableTensor(w.classifier, c.vocab, c.dim)]);
   mkdirSync(dir, { recursive: true });
   const qc: Record<string, unknown> = {
     quant_method: 'gptq', bits, group_size: group, desc_act: false, sym: false, true_sequential: true,

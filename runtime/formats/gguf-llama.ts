@@ -4,7 +4,7 @@ import { QaloraError } from '../errors.ts';
 import type { BlockWeights, FileLinear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName, TokenTable } from '../model/types.ts';
 import { SentencePieceBpe } from '../tokenizer/sentencepiece.ts';
 import { blocksToQuantLinear, EXACT_BLOCK_TYPES } from './ggml-blocks.ts';
-import { ggmlTypeName } from './ggml-types.ts';
+import { GgmlType, ggmlTypeName } from './ggml-types.ts';
 import { type GgufFile, ggufGet, ggufNumber, ggufTensorF32 } from './gguf.ts';
 
 /** GGUF tensor name suffix of each projection in blk.N. */
@@ -70,17 +70,23 @@ export function ggufLinear(f: GgufFile, name: string, out: number, inF: number):
 
 /**
  * The embedding or classifier in the file's blocks when they are exact (rank 0: no adapter; d and m kept as the
- * file's fp16 bits), else fp32.
+ * file's fp16 bits), F16/BF16 kept as their bits (HalfTable), else fp32.
  */
 function ggufTable(f: GgufFile, name: string, vocab: number, dim: number): TokenTable {
   const lin = ggufLinear(f, name, vocab, dim);
-  return lin.quant ? lin.quant.read({ rank: 0, alpha: 0, dropout: 0, scales: 'fp16' }) : lin.readFloat();
+  if (lin.quant) return lin.quant.read({ rank: 0, alpha: 0, dropout: 0, scales: 'fp16' });
+  const t = f.tensors.get(name)!;
+  const dtype = t.type === GgmlType.F16 ? 'fp16' : t.type === GgmlType.BF16 ? 'bf16' : undefined;
+  if (!dtype) return lin.readFloat();
+  const data = new Uint16Array(vocab * dim);
+  t.readInto(new Uint8Array(data.buffer), 0);
+  return { kind: 'half', dtype, out: vocab, in: dim, data };
 }
 
 /**
  * The model in a GGUF file. Projections stay in the file (FileLinear: prepareWeights decides whether to keep
  * the blocks or read floats); norms are read now; the embedding and the classifier are kept in their blocks
- * when those are exact (Q4_0/Q4_1/Q8_0), else read as fp32.
+ * when those are exact (Q4_0/Q4_1/Q8_0) or in their half type (F16/BF16), else read as fp32.
  */
 export function ggufToLlama(f: GgufFile): LlamaWeights<LoadedLinear> {
   const config = ggufLlamaConfig(f);

@@ -13,7 +13,7 @@ import { denseWeight } from '../model/dense.ts';
 import type { BlockWeights, FileLinear, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear } from '../model/types.ts';
 import { packQ, wordsPerRow } from '../reference/numeric.ts';
 import { asF32, asI32, readTensor, type SafeDType, type SafeTensor, type StoredTensor } from '../safetensors.ts';
-import { HF_PROJECTION, hfToMetaRows, readF32, readHfConfig, readHfTensors } from './hf.ts';
+import { HF_PROJECTION, hfToMetaRows, readF32, readHfConfig, readHfTensors, readTable } from './hf.ts';
 
 export interface GptqConfig {
   bits: Bits;
@@ -143,12 +143,14 @@ export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWei
   const tensors = readHfTensors(dir);
   const { dim, hidden, layers, heads, kvHeads, vocab } = config;
   const kvDim = (dim / heads) * kvHeads;
-  const float = (name: string, shape: number[]): Float32Array => {
+  const stored = (name: string, shape: number[]): StoredTensor => {
     const t = tensors.get(name);
     if (!t) throw new QaloraError(`${dir}: missing tensor '${name}' (expected shape [${shape}])`);
     if (t.shape.join() !== shape.join()) throw new QaloraError(`${t.file}: tensor '${name}' has shape [${t.shape}], expected [${shape}]`);
-    return readF32(t);
+    return t;
   };
+  const float = (name: string, shape: number[]): Float32Array => readF32(stored(name, shape));
+  const table = (name: string) => readTable(stored(name, [vocab, dim]), vocab, dim);
   const shapes: Record<ProjectionName, [number, number]> = {
     q: [dim, dim], k: [kvDim, dim], v: [kvDim, dim], o: [dim, dim], gate: [hidden, dim], up: [hidden, dim], down: [dim, hidden],
   };
@@ -187,13 +189,13 @@ export function readGptqModel(dir: string, opts: GptqLoadOptions = {}): LlamaWei
     }
     blocks.push({ attnNorm: float(`${pre}.input_layernorm.weight`, [dim]), ffnNorm: float(`${pre}.post_attention_layernorm.weight`, [dim]), proj });
   }
-  const tokEmbedding = float('model.embed_tokens.weight', [vocab, dim]);
+  const tokEmbedding = table('model.embed_tokens.weight');
   const tied = config.tiedClassifier || !tensors.has('lm_head.weight');
   return {
     config: { ...config, tiedClassifier: tied },
     tokEmbedding,
     blocks,
     finalNorm: float('model.norm.weight', [dim]),
-    classifier: tied ? tokEmbedding : float('lm_head.weight', [vocab, dim]),
+    classifier: tied ? tokEmbedding : table('lm_head.weight'),
   };
 }

@@ -5,11 +5,11 @@
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { QaloraError } from '../errors.ts';
-import type { BlockWeights, FileLinear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName } from '../model/types.ts';
+import type { BlockWeights, FileLinear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName, TokenTable } from '../model/types.ts';
 import {
   asF32, DTYPE_BYTES, type LazyTensor, numel, openSafetensors, readTensor, type SafeTensor, type StoredTensor, tensorOf, writeSafetensors, writeFileAtomic,
 } from '../safetensors.ts';
-import { denseTable } from '../model/dense.ts';
+import { tableTensor } from '../model/dense.ts';
 
 export const HF_PROJECTION: Record<ProjectionName, string> = {
   q: 'self_attn.q_proj', k: 'self_attn.k_proj', v: 'self_attn.v_proj', o: 'self_attn.o_proj',
@@ -145,6 +145,17 @@ function floatTensor(dir: string, tensors: Map<string, StoredTensor>, name: stri
   return t;
 }
 
+/**
+ * A checkpoint's token table [vocab, dim]: F16/BF16 kept as their bits (HalfTable: the classifier reads them
+ * directly), F32 as is.
+ */
+export function readTable(t: StoredTensor, vocab: number, dim: number): TokenTable {
+  if (t.dtype !== 'F16' && t.dtype !== 'BF16') return readF32(t);
+  const bytes = t.read();
+  const data = bytes.byteOffset % 2 === 0 ? new Uint16Array(bytes.buffer, bytes.byteOffset, vocab * dim) : new Uint16Array(bytes.slice().buffer);
+  return { kind: 'half', dtype: t.dtype === 'BF16' ? 'bf16' : 'fp16', out: vocab, in: dim, data };
+}
+
 /** The checkpoint's tensor as fp32: F32 read straight into its array, F16/BF16 widened. */
 export function readF32(t: StoredTensor): Float32Array {
   return asF32(readTensor(t));
@@ -157,7 +168,8 @@ export function readHfModel(dir: string): LlamaWeights<LoadedLinear> {
   const { dim, hidden, layers, heads, kvHeads, vocab } = config;
   const kvDim = (dim / heads) * kvHeads;
   const get = (name: string, shape: number[]): Float32Array => readF32(floatTensor(dir, tensors, name, shape));
-  const tokEmbedding = get('model.embed_tokens.weight', [vocab, dim]);
+  const table = (name: string) => readTable(floatTensor(dir, tensors, name, [vocab, dim]), vocab, dim);
+  const tokEmbedding = table('model.embed_tokens.weight');
   const shapes: Record<ProjectionName, [number, number]> = {
     q: [dim, dim], k: [kvDim, dim], v: [kvDim, dim], o: [dim, dim], gate: [hidden, dim], up: [hidden, dim], down: [dim, hidden],
   };
@@ -183,7 +195,7 @@ export function readHfModel(dir: string): LlamaWeights<LoadedLinear> {
   }
   const finalNorm = get('model.norm.weight', [dim]);
   const tied = config.tiedClassifier || !tensors.has('lm_head.weight');
-  const classifier = tied ? tokEmbedding : get('lm_head.weight', [vocab, dim]);
+  const classifier = tied ? tokEmbedding : table('lm_head.weight');
   return { config: { ...config, tiedClassifier: tied }, tokEmbedding, blocks, finalNorm, classifier };
 }
 
@@ -216,7 +228,7 @@ export function hfConfigJson(c: LlamaConfig, dtype: 'float32' | 'float16' | 'bfl
 export function writeHfModel(dir: string, w: LlamaWeights<LoadedLinear>, opts: { shards?: number } = {}): void {
   const { heads, kvHeads, dim } = w.config;
   mkdirSync(dir, { recursive: true });
-  const tensors: [string, SafeTensor | LazyTensor][] = [['model.embed_tokens.weight', tensorOf('F32', [w.config.vocab, dim], denseTable(w.tokEmbedding))]];
+  const tensors: [string, SafeTensor | LazyTensor][] = [['model.embed_tokens.weight', tableTensor(w.tokEmbedding, w.config.vocab, dim)]];
   w.blocks.forEach((b, l) => {
     const pre = `model.layers.${l}`;
     tensors.push([`${pre}.input_layernorm.weight`, tensorOf('F32', [dim], b.attnNorm)]);
@@ -235,7 +247,7 @@ export function writeHfModel(dir: string, w: LlamaWeights<LoadedLinear>, opts: {
     }
   });
   tensors.push(['model.norm.weight', tensorOf('F32', [dim], w.finalNorm)]);
-  if (!w.config.tiedClassifier) tensors.push(['lm_head.weight', tensorOf('F32', [w.config.vocab, dim], denseTable(w.classifier))]);
+  if (!w.config.tiedClassifier) tensors.push(['lm_head.weight', tableTensor(w.classifier, w.config.vocab, dim)]);
   const enc = new TextEncoder();
   writeFileAtomic(join(dir, 'config.json'), [enc.encode(JSON.stringify(hfConfigJson(w.config), null, 2) + '\n')]);
   const shards = Math.max(1, opts.shards ?? 1);

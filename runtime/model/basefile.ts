@@ -6,6 +6,8 @@ import { QaloraError } from '../errors.ts';
 import { openSafetensors, readTensor, tensorOf, writeSafetensors, type SafeTensor, type StoredTensor } from '../safetensors.ts';
 import type { BlockWeights, Linear, LlamaConfig, LlamaWeights, LoadedLinear, ProjectionName, QuantLinear, TokenTable } from './types.ts';
 import { checkScales, scalesOf } from './scales.ts';
+import { readTable } from '../formats/hf.ts';
+import { tableTensor } from './dense.ts';
 
 export const BASE_FORMAT = 'qalora-base';
 const BASE_VERSION = '1';
@@ -30,7 +32,7 @@ export function saveQuantizedBase(path: string, w: LlamaWeights, extra: Record<s
     t.set(`${name}.beta`, tensorOf(st, [lin.out, groups], lin.beta));
   };
   const table = (name: string, tt: TokenTable) => {
-    if (tt instanceof Float32Array) t.set(name, tensorOf('F32', [c.vocab, c.dim], tt));
+    if (tt instanceof Float32Array || tt.kind === 'half') t.set(name, tableTensor(tt, c.vocab, c.dim));
     else linear(name, tt);
   };
   table('tok_embeddings', w.tokEmbedding);
@@ -110,7 +112,11 @@ export function loadQuantizedBase(path: string): { weights: LlamaWeights<LoadedL
       alpha: scaleTensor(`${name}.alpha`, [out, groups], s), beta: scaleTensor(`${name}.beta`, [out, groups], s),
     };
   };
-  const table = (name: string): TokenTable => (settings[name] ? quant(name, c.vocab, c.dim, settings[name]) : f32(name, [c.vocab, c.dim]));
+  const table = (name: string): TokenTable => {
+    if (settings[name]) return quant(name, c.vocab, c.dim, settings[name]);
+    const x = tensor(name, [c.vocab, c.dim]);
+    return x.dtype === 'F16' || x.dtype === 'BF16' ? readTable(x, c.vocab, c.dim) : f32(name, [c.vocab, c.dim]);
+  };
   const blocks: BlockWeights<LoadedLinear>[] = [];
   for (let l = 0; l < c.layers; l++) {
     const proj = {} as Record<ProjectionName, LoadedLinear>;

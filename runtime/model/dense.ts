@@ -1,6 +1,7 @@
 // Weights as plain fp32 matrices, for writers of float formats and for tests: a quantized layer or token table
 // dequantized exactly as the kernels do (fround(α·q) + β).
 import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
+import { bf16ToF32Array, f16ToF32Array, tensorOf, type SafeTensor } from '../safetensors.ts';
 import type { Linear, LlamaWeights, LoadedLinear, ProjectionName, TokenTable } from './types.ts';
 import { scaleValues } from './scales.ts';
 
@@ -21,9 +22,17 @@ export function denseWeight(lin: Linear): Float32Array {
   return w;
 }
 
-/** A token table [vocab, dim] in fp32 (the array itself when it is one). */
+/** A token table [vocab, dim] in fp32 (the array itself when it is one; half bits widened, which is exact). */
 export function denseTable(t: TokenTable): Float32Array {
-  return t instanceof Float32Array ? t : denseWeight(t);
+  if (t instanceof Float32Array) return t;
+  if (t.kind === 'half') return t.dtype === 'bf16' ? bf16ToF32Array(t.data) : f16ToF32Array(t.data);
+  return denseWeight(t);
+}
+
+/** A token table as a safetensors tensor [vocab, dim]: a half table in its own type (the same bits), else fp32. */
+export function tableTensor(t: TokenTable, vocab: number, dim: number): SafeTensor {
+  if (!(t instanceof Float32Array) && t.kind === 'half') return tensorOf(t.dtype === 'bf16' ? 'BF16' : 'F16', [vocab, dim], t.data);
+  return tensorOf('F32', [vocab, dim], denseTable(t));
 }
 
 /** Every projection still in its file read as fp32 (tests, float writers); quant layers and tables as they are. */

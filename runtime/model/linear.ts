@@ -3,7 +3,7 @@
 // kernels, with fp16/bf16 activations cast at the boundary on the backend (the model keeps fp32 between layers).
 // The weights are the backend's (Memory.resident): on a GPU they were uploaded once, when the op was built.
 import { poolScale } from '../../dsl/resolved.ts';
-import type { Linear } from './types.ts';
+import type { HalfTable, Linear } from './types.ts';
 import { specializationId, type KernelLayerArgs, type NativeOps, type SpecKernels } from './native-ops.ts';
 import { Grown, type F32, type Memory, type U16, type U32 } from './memory.ts';
 import { QaloraError } from '../errors.ts';
@@ -24,7 +24,10 @@ export interface LinearCall {
   int8?: boolean;
 }
 
-type Resident = { kind: 'float'; w: F32 } | { kind: 'quant'; qweight: U32; alpha: F32 | U16; beta: F32 | U16 };
+type Resident =
+  | { kind: 'float'; w: F32 }
+  | { kind: 'half'; w: U16; bf16: boolean }
+  | { kind: 'quant'; qweight: U32; alpha: F32 | U16; beta: F32 | U16 };
 
 /** Work buffers every linear op of a model shares (one op runs at a time): casts, the accumulate target, no-grad. */
 export interface LinearWork {
@@ -45,8 +48,12 @@ export class LinearOp {
     return { xh: u16(), yh: u16(), dyh: u16(), dxh: u16(), dxSum: new Grown<F32>(mem, (n) => mem.f32(n)), noGrad: mem.f32(0) };
   }
 
-  constructor(readonly lin: Linear, private readonly native: NativeOps, mem: Memory, private readonly work: LinearWork, readonly name: string) {
-    if (lin.kind === 'quant') {
+  /** lin: a layer, or a half token table (the classifier; CPU only: a GPU runner widens the table first). */
+  constructor(readonly lin: Linear | HalfTable, private readonly native: NativeOps, mem: Memory, private readonly work: LinearWork, readonly name: string) {
+    if (lin.kind === 'half') {
+      if (mem.device) throw new QaloraError(`${name}: a ${lin.dtype} table runs on the CPU backend only (widen it for ${native.backend})`);
+      this.resident = { kind: 'half', w: mem.resident(lin.data), bf16: lin.dtype === 'bf16' };
+    } else if (lin.kind === 'quant') {
       const id = specializationId(lin.settings);
       this.kernels = native.kernels[id];
       if (!this.kernels) throw new QaloraError(`${name}: no ${native.backend} kernels for specialization ${id}; is the layer in the spec?`);
@@ -60,6 +67,10 @@ export class LinearOp {
     const lin = this.lin, r = this.resident;
     if (r.kind === 'float') {
       this.native.core.gemm(x, r.w, y, m, lin.out, lin.in, false, true, false);
+      return;
+    }
+    if (r.kind === 'half') {
+      this.native.core.gemm_half(x, r.w, y, m, lin.out, lin.in, true, r.bf16, false);
       return;
     }
     const args = this.args(m, call);
@@ -77,6 +88,10 @@ export class LinearOp {
     const lin = this.lin, r = this.resident;
     if (r.kind === 'float') {
       this.native.core.gemm(dy, r.w, dx, m, lin.in, lin.out, false, false, accumulate);
+      return;
+    }
+    if (r.kind === 'half') {
+      this.native.core.gemm_half(dy, r.w, dx, m, lin.in, lin.out, false, r.bf16, accumulate);
       return;
     }
     const args = this.args(m, call);

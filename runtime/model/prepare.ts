@@ -182,7 +182,7 @@ export function describeSpec(spec: ResolvedSpec): string {
 function nativeSpec(spec: ResolvedSpec | undefined, w: LlamaWeights<LoadedLinear>): ResolvedSpec | undefined {
   const tables: ResolvedLayer[] = [];
   const add = (name: string, t: LlamaWeights<LoadedLinear>['tokEmbedding']) => {
-    if (t instanceof Float32Array) return;
+    if (t instanceof Float32Array || t.kind === 'half') return;
     tables.push({ ...t.settings, name, inFeatures: t.in, outFeatures: t.out, count: 1 });
   };
   add('tok_embeddings', w.tokEmbedding);

@@ -8,7 +8,8 @@
 // ids, positions and targets, and reads back logits or the loss (and, unless a device optimizer takes them, the
 // gradients: LlamaModel.trainingOnBackend).
 import { PROJECTIONS } from '../../dsl/resolved.ts';
-import type { Adapter, AdapterSet, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
+import { denseTable } from './dense.ts';
+import type { Adapter, AdapterSet, HalfTable, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
 import { specializationId, type CoreOps, type NativeOps, type SpecKernels } from './native-ops.ts';
 import { QaloraError } from '../errors.ts';
 import type { GradOptions } from './llama.ts';
@@ -42,7 +43,7 @@ export type Attend = (block: number, q: F32, k: F32, v: F32, att: F32, lse: F32)
 const NO_ADAPTER: LinearCall = { training: false, seed: 0 };
 
 /** A token table as the linear layer [vocab, dim] the classifier runs. */
-function tableLinear(t: TokenTable, vocab: number, dim: number): Linear {
+function tableLinear(t: TokenTable, vocab: number, dim: number): Linear | HalfTable {
   return t instanceof Float32Array ? { kind: 'float', out: vocab, in: dim, w: t } : t;
 }
 
@@ -57,7 +58,7 @@ type GradField = 'dh' | 'dg' | 'du' | 'dxn' | 'datt' | 'dq' | 'dk' | 'dv' | 'tmp
 type StreamField = 'x' | 'xf' | 'rstdf' | 'dxf' | 'dx' | 'xw';
 
 /** The token table as the embedding reads it: fp32 rows, or a quantized table whose looked-up rows are dequantized. */
-type EmbeddingTable = { kind: 'float'; table: F32 } | { kind: 'quant'; kernels: SpecKernels; qweight: U32; alpha: F32 | U16; beta: F32 | U16; wordsPerRow: number; groups: number };
+type EmbeddingTable = { kind: 'float'; table: F32 } | { kind: 'half'; table: U16; bf16: boolean } | { kind: 'quant'; kernels: SpecKernels; qweight: U32; alpha: F32 | U16; beta: F32 | U16; wordsPerRow: number; groups: number };
 
 export class Runner {
   readonly config: LlamaConfig;
@@ -102,7 +103,7 @@ export class Runner {
     this.logitsChunk = new Grown(mem, (n) => mem.f32(n));
     this.inputs = new Grown(mem, (n) => mem.f32(n));
     const work: LinearWork = LinearOp.work(mem);
-    const linear = (lin: Linear, name: string, kind: string) => {
+    const linear = (lin: Linear | HalfTable, name: string, kind: string) => {
       const op = new LinearOp(lin, native, mem, work, name);
       prof?.timeLinear(op, kind);
       return op;
@@ -114,8 +115,15 @@ export class Runner {
     });
     this.norms = weights.blocks.map((b) => ({ attn: mem.resident(b.attnNorm), ffn: mem.resident(b.ffnNorm) }));
     this.finalNormW = mem.resident(weights.finalNorm);
-    this.classifier = linear(tableLinear(weights.classifier, vocab, dim), 'classifier', 'classifier');
-    this.embedding = this.embeddingTable(weights.tokEmbedding);
+    // A GPU backend has no half GEMM: it holds a half table in fp32, widened once (and shared when tied).
+    const widened = new Map<TokenTable, Float32Array>();
+    const onBackend = (t: TokenTable): TokenTable => {
+      if (!mem.device || t instanceof Float32Array || t.kind !== 'half') return t;
+      if (!widened.has(t)) widened.set(t, denseTable(t));
+      return widened.get(t)!;
+    };
+    this.classifier = linear(tableLinear(onBackend(weights.classifier), vocab, dim), 'classifier', 'classifier');
+    this.embedding = this.embeddingTable(onBackend(weights.tokEmbedding));
     this.adapterTensors = new AdapterMirror(mem);
     this.recompute = prof ? prof.wrap('recompute', this.forwardBlock.bind(this)) : this.forwardBlock;
     if (prof) this.embed = prof.wrap('embedding', this.embed.bind(this));
@@ -128,6 +136,7 @@ export class Runner {
   private embeddingTable(emb: TokenTable): EmbeddingTable {
     const mem = this.mem;
     if (emb instanceof Float32Array) return { kind: 'float', table: mem.resident(emb) };
+    if (emb.kind === 'half') return { kind: 'half', table: mem.resident(emb.data), bf16: emb.dtype === 'bf16' };
     const kernels = this.native.kernels[specializationId(emb.settings)];
     if (!kernels) throw new QaloraError(`tok_embeddings: no ${this.native.backend} kernels for ${specializationId(emb.settings)}`);
     const vocab = this.config.vocab;
@@ -179,6 +188,10 @@ export class Runner {
     const e = this.embedding, mem = this.mem;
     if (e.kind === 'float') {
       this.core.embedding_forward(e.table, ids, x, tokens.length, vocab, dim);
+      return;
+    }
+    if (e.kind === 'half') {
+      this.core.embedding_forward_half(e.table, ids, x, tokens.length, vocab, dim, e.bf16);
       return;
     }
     // A quantized table: dequantize only the rows looked up.

@@ -94,7 +94,22 @@ export interface BlockWeights<L extends LoadedLinear = Linear> {
  * through the quantized kernels and the embedding dequantizes only the rows it looks up — at 32 000 × 2048
  * the fp32 table alone would be 262 MB read per token.
  */
-export type TokenTable = Float32Array | QuantLinear;
+export type TokenTable = Float32Array | QuantLinear | HalfTable;
+
+/**
+ * A token table kept in its file's half type (a GGUF F16/BF16 tensor, an HF checkpoint's embed_tokens/lm_head):
+ * the fp16 or bf16 bits as they are stored, [vocab, dim]. The CPU classifier reads it directly (core gemm_half),
+ * the embedding widens only the rows it looks up; half the bytes of fp32 per token. A GPU backend widens it on
+ * upload.
+ */
+export interface HalfTable {
+  kind: 'half';
+  dtype: 'fp16' | 'bf16';
+  /** [out = vocab, in = dim] */
+  out: number;
+  in: number;
+  data: Uint16Array;
+}
 
 export interface LlamaWeights<L extends LoadedLinear = Linear> {
   config: LlamaConfig;

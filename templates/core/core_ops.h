@@ -10,7 +10,14 @@ namespace qalora::core {
 void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b,
           bool accumulate);
 
+// C[m,n] = A·op(B) (+ C) with B as fp16 (bf16 when `bf16`) bits: a token table in its file's half type.
+void gemm_half(const float* a, const uint16_t* b, float* c, int64_t m, int64_t n, int64_t k, bool trans_b, bool bf16,
+               bool accumulate);
+
 void embedding_forward(const float* table, const int32_t* ids, float* out, int64_t n, int64_t vocab, int64_t dim);
+// out[i] = table[ids[i]] widened from fp16 (bf16 when `bf16`) bits.
+void embedding_forward_half(const uint16_t* table, const int32_t* ids, float* out, int64_t n, int64_t vocab,
+                            int64_t dim, bool bf16);
 void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t n, int64_t vocab, int64_t dim);
 
 void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t dim, float eps);

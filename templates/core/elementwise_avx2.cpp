@@ -25,6 +25,23 @@ void embedding_forward(const float* table, const int32_t* ids, float* out, int64
   });
 }
 
+void embedding_forward_half(const uint16_t* table, const int32_t* ids, float* out, int64_t n, int64_t vocab,
+                            int64_t dim, bool bf16) {
+  cpu_rt::parallel_range(n, row_grain(dim), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const int32_t id = ids[i];
+      float* dst = out + i * dim;
+      if (id < 0 || id >= vocab) {
+        std::memset(dst, 0, sizeof(float) * dim);
+        continue;
+      }
+      const uint16_t* src = table + (int64_t)id * dim;
+      if (bf16) for (int64_t c = 0; c < dim; c++) dst[c] = qalora::bf16_to_f32(src[c]);
+      else for (int64_t c = 0; c < dim; c++) dst[c] = qalora::f16_to_f32(src[c]);
+    }
+  });
+}
+
 void embedding_backward(const int32_t* ids, const float* dout, float* dtable, int64_t n, int64_t vocab, int64_t dim) {
   // Split over columns so rows hit by several ids never race.
   cpu_rt::parallel_range(dim, 64, [&](int64_t cb, int64_t ce) {

@@ -12,4 +12,9 @@ void gemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_
                 accumulate);
 }
 
+void gemm_half(const float* a, const uint16_t* b, float* c, int64_t m, int64_t n, int64_t k, bool trans_b, bool bf16,
+               bool accumulate) {
+  cpu::gemm_half(m, n, k, a, k, 1, b, trans_b ? 1 : n, trans_b ? k : 1, bf16, c, n, accumulate);
+}
+
 }  // namespace qalora::core

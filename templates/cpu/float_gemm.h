@@ -8,4 +8,8 @@
 namespace qalora::cpu {
 void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
               int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate);
+/// The same with B stored as fp16 (bf16 when `bf16`) bits, widened as the engine packs or streams it: a token
+/// table kept in its file's half type.
+void gemm_half(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const uint16_t* b,
+               int64_t b_rs, int64_t b_cs, bool bf16, float* c, int64_t ldc, bool accumulate);
 }

@@ -21,23 +21,38 @@ struct Blocking {
 /// columns past nc zero. n0 is a multiple of NR.
 using PackB = void (*)(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* panel);
 
-/// A strided fp32 matrix: element (i, k) at p[i*rs + k*cs] (rs = ld, cs = 1 for row-major; swapped for Aᵀ).
-struct Strided {
-  const float* p;
-  int64_t rs, cs;
-  float at(int64_t i, int64_t k) const { return p[i * rs + k * cs]; }
-};
+/// Element types a plain matrix B can be stored in: fp32, or fp16/bf16 bits (a token table kept in its file's
+/// half type), widened to fp32 as they are loaded.
+struct f16_t { uint16_t bits; };
+struct bf16_t { uint16_t bits; };
+inline float weight_f32(float v) { return v; }
+inline float weight_f32(f16_t v) { return f16_to_f32(v.bits); }
+inline float weight_f32(bf16_t v) { return bf16_to_f32(v.bits); }
+inline f8 f8_weights(const float* p) { return f8_load(p); }
+inline f8 f8_weights(const f16_t* p) { return f8_from_f16(&p->bits); }
+inline f8 f8_weights(const bf16_t* p) { return f8_from_bf16(&p->bits); }
 
+/// A strided matrix: element (i, k) at p[i*rs + k*cs] (rs = ld, cs = 1 for row-major; swapped for Aᵀ).
+template <class T>
+struct StridedOf {
+  const T* p;
+  int64_t rs, cs;
+  float at(int64_t i, int64_t k) const { return weight_f32(p[i * rs + k * cs]); }
+};
+using Strided = StridedOf<float>;
+
+template <class T>
 inline void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int64_t nc, float* panel) {
-  const Strided& b = *static_cast<const Strided*>(ctx);
+  const StridedOf<T>& b = *static_cast<const StridedOf<T>*>(ctx);
   const int64_t slices = (nc + NR - 1) / NR;
   if (b.cs == 1) {  // rows of B contiguous: walk each row once, scattering it over the slices
     for (int64_t k = 0; k < kc; k++) {
-      const float* src = b.p + (k0 + k) * b.rs + n0;
+      const T* src = b.p + (k0 + k) * b.rs + n0;
       for (int64_t s = 0; s < slices; s++) {
         float* dst = panel + (s * kc + k) * NR;
         const int64_t w = std::min<int64_t>(NR, nc - s * NR);
-        std::memcpy(dst, src + s * NR, w * sizeof(float));
+        if constexpr (std::is_same_v<T, float>) std::memcpy(dst, src + s * NR, w * sizeof(float));
+        else for (int64_t n = 0; n < w; n++) dst[n] = weight_f32(src[s * NR + n]);
         for (int64_t n = w; n < NR; n++) dst[n] = 0.f;
       }
     }
@@ -167,15 +182,15 @@ constexpr int64_t kFewRows = 16;
 
 /// out[r][c] = dot(row r of x, column c of w) over k for R rows and four columns: 4R independent FMA chains
 /// hide the FMA latency, and each loaded piece of w serves R rows.
-template <int R>
-inline void dots(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t k, float out[R][4]) {
+template <int R, class T>
+inline void dots(const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t k, float out[R][4]) {
   f8 acc[R][4];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < 4; c++) acc[r][c] = f8_zero();
   int64_t p = 0;
   for (; p + 8 <= k; p += 8) {
-    const f8 w0 = f8_load(w + p), w1 = f8_load(w + ldw + p), w2 = f8_load(w + 2 * ldw + p),
-             w3 = f8_load(w + 3 * ldw + p);
+    const f8 w0 = f8_weights(w + p), w1 = f8_weights(w + ldw + p), w2 = f8_weights(w + 2 * ldw + p),
+             w3 = f8_weights(w + 3 * ldw + p);
 #pragma GCC unroll 2
     for (int r = 0; r < R; r++) {
       const f8 xv = f8_load(x + r * ldx + p);
@@ -188,23 +203,26 @@ inline void dots(const float* x, int64_t ldx, const float* w, int64_t ldw, int64
   for (int r = 0; r < R; r++)
     for (int c = 0; c < 4; c++) {
       float sum = f8_sum(acc[r][c]);
-      for (int64_t q = p; q < k; q++) sum += x[r * ldx + q] * w[c * ldw + q];
+      // std::fma, not a*b + c the compiler may or may not contract: fp32 and half weights round alike
+      for (int64_t q = p; q < k; q++) sum = std::fma(x[r * ldx + q], weight_f32(w[c * ldw + q]), sum);
       out[r][c] = sum;
     }
 }
 
-inline float dot1(const float* x, const float* w, int64_t k) {
+template <class T>
+inline float dot1(const float* x, const T* w, int64_t k) {
   f8 acc = f8_zero();
   int64_t p = 0;
-  for (; p + 8 <= k; p += 8) acc = f8_fma(f8_load(x + p), f8_load(w + p), acc);
+  for (; p + 8 <= k; p += 8) acc = f8_fma(f8_load(x + p), f8_weights(w + p), acc);
   float sum = f8_sum(acc);
-  for (; p < k; p++) sum += x[p] * w[p];
+  for (; p < k; p++) sum = std::fma(x[p], weight_f32(w[p]), sum);
   return sum;
 }
 
 /// C[M,N] (+)= A·B without packing, A.cs == 1 and B.rs == 1: B is streamed once, four columns at a time, and
 /// every row of A is dotted with them while they are in cache.
-inline void gemm_few_rows(int64_t M, int64_t N, int64_t K, const Strided& A, const Strided& B, float* C,
+template <class T>
+inline void gemm_few_rows(int64_t M, int64_t N, int64_t K, const Strided& A, const StridedOf<T>& B, float* C,
                           int64_t ldc, bool accumulate) {
   const auto put = [&](float* c, float v) { *c = accumulate ? *c + v : v; };
   // Chunks of at least ~64k multiply-adds, so a small product does not pay for waking the pool.
@@ -212,7 +230,7 @@ inline void gemm_few_rows(int64_t M, int64_t N, int64_t K, const Strided& A, con
   cpu_rt::parallel_range(N, grain, [&](int64_t jb, int64_t je) {
     int64_t j = jb;
     for (; j + 4 <= je; j += 4) {
-      const float* w = B.p + j * B.cs;
+      const T* w = B.p + j * B.cs;
       int64_t i = 0;
       for (; i + 2 <= M; i += 2) {
         float s[2][4];
@@ -231,14 +249,15 @@ inline void gemm_few_rows(int64_t M, int64_t N, int64_t K, const Strided& A, con
   });
 }
 
-/// C[M,N] (+)= A·B for plain float matrices given as strided views.
-[[gnu::noinline]] inline void gemm_strided(int64_t M, int64_t N, int64_t K, const Strided& A, const Strided& B,
+/// C[M,N] (+)= A·B for plain matrices given as strided views (B in fp32, or fp16/bf16 bits).
+template <class T = float>
+[[gnu::noinline]] inline void gemm_strided(int64_t M, int64_t N, int64_t K, const Strided& A, const StridedOf<T>& B,
                                            float* C, int64_t ldc, bool accumulate, Blocking bl = {}) {
   if (M <= kFewRows && A.cs == 1 && B.rs == 1 && M > 0 && N > 0 && K > 0) {
     gemm_few_rows(M, N, K, A, B, C, ldc, accumulate);
     return;
   }
-  gemm(M, N, K, A, pack_strided, &B, C, ldc, accumulate, bl);
+  gemm(M, N, K, A, pack_strided<T>, &B, C, ldc, accumulate, bl);
 }
 
 }  // namespace qalora::cpu_isa::QL_ISA_NS

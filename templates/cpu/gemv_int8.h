@@ -58,11 +58,17 @@ inline float offset_dot(const S* beta, const float* sums, int64_t groups) {
   return r;
 }
 
+/// β·Σx of output o for one row of x. The GEMVs take it before their q loop, so its loads (β is a stream of its
+/// own) overlap that loop instead of ending the row on a wait.
+template <class S>
+inline float row_offset(const QuantView<S>& w, int64_t o, int64_t row, const std::vector<float>& sums) {
+  return offset_dot(w.beta + o * w.groups, sums.data() + row * w.groups, w.groups);
+}
+
 /// y[row, o] = dot + β·Σx + the adapter's term: how a row ends in both GEMVs (this one and layer.h's fp32 one).
 template <class S>
-inline void gemv_store(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_t row, float dot,
-                       const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
-  const float offset = offset_dot(w.beta + o * w.groups, sums.data() + row * w.groups, w.groups);
+inline void gemv_store(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_t row, float dot, float offset,
+                       const std::vector<float>& hs, float* y) {
   float lora = 0.f;
   for (int64_t j = 0; j < a.rank; j++) lora += hs[row * a.rank + j] * a.lora_b[o * a.rank + j];
   y[row * a.out + o] = dot + offset + lora;
@@ -103,6 +109,8 @@ void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_
   const int8_t* x = xq.q.data() + m0 * 32;  // block 0 of row m0; block b is m·32 bytes further
   const float* d = xq.d.data() + m0;
   const int32_t* xs = xq.sum.data() + m0;
+  float offset[RR];
+  for (int r = 0; r < RR; r++) offset[r] = row_offset(w, o, m0 + r, sums);
   f8 acc[P][RR];
   float corr[RR] = {};
   for (int p = 0; p < P; p++)
@@ -140,7 +148,7 @@ void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_
   for (int r = 0; r < RR; r++) {
     f8 t = acc[0][r];
     for (int p = 1; p < P; p++) t = f8_add(t, acc[p][r]);
-    gemv_store(a, w, o, m0 + r, f8_sum(t) + corr[r], sums, hs, y);
+    gemv_store(a, w, o, m0 + r, f8_sum(t) + corr[r], offset[r], hs, y);
   }
 }
 

@@ -21,6 +21,7 @@
 #include "gemm.h"
 #include "pack.h"
 #include "gemv_int8.h"
+#include "gemv_q4.h"
 #include "layer.h"
 
 /// The ABI entry points of one specialization in this build: qalora::cpu_isa::<isa>::<ID>::{quantize, …}.
@@ -51,6 +52,15 @@
   namespace qalora::cpu_isa::QL_ISA_NS {                                                                        \
   void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,     \
                 int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {                           \
-    gemm_strided(m, n, k, {a, a_rs, a_cs}, {b, b_rs, b_cs}, c, ldc, accumulate);                                \
+    gemm_strided(m, n, k, {a, a_rs, a_cs}, Strided{b, b_rs, b_cs}, c, ldc, accumulate);                         \
+  }                                                                                                             \
+  void gemm_half(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const uint16_t* b, \
+                 int64_t b_rs, int64_t b_cs, bool bf16, float* c, int64_t ldc, bool accumulate) {               \
+    if (bf16)                                                                                                   \
+      gemm_strided(m, n, k, {a, a_rs, a_cs}, StridedOf<bf16_t>{reinterpret_cast<const bf16_t*>(b), b_rs, b_cs}, \
+                   c, ldc, accumulate);                                                                         \
+    else                                                                                                        \
+      gemm_strided(m, n, k, {a, a_rs, a_cs}, StridedOf<f16_t>{reinterpret_cast<const f16_t*>(b), b_rs, b_cs},   \
+                   c, ldc, accumulate);                                                                         \
   }                                                                                                             \
   }

@@ -199,13 +199,17 @@ struct QuantLayer {
       ActQ8 xq;
       const bool int8 = FAST && a.int8_activations != 0;
       if (int8) xq = quantize_activations<BITS>(xf.p, a.m, a.in);
+      std::vector<float> xt;  // 4 bits: x in the order gemv_q4.h reads it
+      if constexpr (FAST && BITS == 4) {
+        if (!int8) xt = transpose_spans(xf.p, a.m, a.in);
+      }
       // Up to kGemvRowsPerPass rows of x per pass over a row of W (8 with int8 activations, whose per-row
       // registers are fewer), so its q is unpacked once for all of them; the row stays in L1 between passes.
       const int64_t per_pass = int8 ? 8 : kGemvRowsPerPass;
       auto pass = [&](auto rows, int64_t o, int64_t m0) {
         constexpr int RR = decltype(rows)::value;
         if constexpr (RR <= kGemvRowsPerPass) {
-          if (!int8) return gemv_rows<RR>(a, w, o, m0, xf.p, sums, hs, yf.p);
+          if (!int8) return gemv_rows<RR>(a, w, o, m0, FAST && BITS == 4 ? xt.data() : xf.p, sums, hs, yf.p);
         }
         if constexpr (FAST) gemv_rows_int8<BITS, S, RR>(a, w, o, m0, xq, sums, hs, yf.p);
       };
@@ -238,6 +242,7 @@ struct QuantLayer {
   }
 
   /// y[m0 .. m0+RR, o]: per group the q·x dots scaled by α, plus β·Σx and the adapter; W is never dequantized.
+  /// xf is x as this GEMV reads it: in input order, or (4 bits) as transpose_spans left it.
   template <int RR>
   static void gemv_rows(const LayerArgs& a, const View& w, int64_t o, int64_t m0, const float* xf,
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
@@ -246,8 +251,11 @@ struct QuantLayer {
     const uint32_t* row = w.row(o);
     const float* x[RR];
     for (int r = 0; r < RR; r++) x[r] = xf + (m0 + r) * a.in;
-    float res[RR];
-    if constexpr (FAST) {
+    float res[RR], offset[RR];
+    for (int r = 0; r < RR; r++) offset[r] = row_offset(w, o, m0 + r, sums);
+    if constexpr (FAST && BITS == 4) {
+      gemv_rows_q4<S, RR>(w, o, m0, xf, a.in, res);
+    } else if constexpr (FAST) {
       // Independent partial dots per row (4 for one or two rows, 2 for more) so the FMAs do not wait on
       // each other; 8 accumulators plus the block's 4 q vectors stay in the 16 AVX registers.
       constexpr int P = RR <= 2 ? 4 : 2;
@@ -285,7 +293,7 @@ struct QuantLayer {
         for (int r = 0; r < RR; r++) res[r] += ak * dot[r];
       }
     }
-    for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], sums, hs, y);
+    for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], offset[r], hs, y);
   }
 
   // ---- backward -------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // Fixed CPU ops (declared in probe.ops.json): the memory-read bandwidth probe the benchmark compares kernels
-// against, the pool's thread count, and the fp32 GEMM entry point (float_gemm.h) with its dispatch.
+// against, the pool's thread count, and the GEMM entry points of float_gemm.h with their dispatch.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -15,10 +15,14 @@ namespace qalora::cpu_isa {
 namespace avx2 {
 void gemm_f32(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
               int64_t, bool);
+void gemm_half(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, bool,
+               float*, int64_t, bool);
 }
 namespace portable {
 void gemm_f32(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
               int64_t, bool);
+void gemm_half(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, bool,
+               float*, int64_t, bool);
 }
 }  // namespace qalora::cpu_isa
 
@@ -30,6 +34,15 @@ void gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int
   if (cpu_isa::use_avx2()) return cpu_isa::avx2::gemm_f32(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
 #endif
   cpu_isa::portable::gemm_f32(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+}
+
+void gemm_half(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const uint16_t* b,
+               int64_t b_rs, int64_t b_cs, bool bf16, float* c, int64_t ldc, bool accumulate) {
+#if QL_HAVE_AVX2_BUILD
+  if (cpu_isa::use_avx2())
+    return cpu_isa::avx2::gemm_half(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, bf16, c, ldc, accumulate);
+#endif
+  cpu_isa::portable::gemm_half(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, bf16, c, ldc, accumulate);
 }
 
 /// c[m,n] = a[m,k]·b[n,k]ᵀ: a linear layer's y = x·Wᵀ in fp32.

@@ -32,12 +32,24 @@ inline u8v u8_bcast(const uint32_t* p) { return {_mm256_set1_epi32((int)*p)}; }
 /// The 8 bytes at p zero-extended, byte l to lane l.
 inline u8v u8_bytes(const uint32_t* p) { return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))}; }
 inline u8v u8_setr(const int32_t* lanes) { return {_mm256_loadu_si256((const __m256i*)lanes)}; }
+/// Eight words, word l to lane l.
+inline u8v u8_load(const uint32_t* p) { return {_mm256_loadu_si256((const __m256i*)p)}; }
 inline u8v u8_shr(u8v a, u8v count) { return {_mm256_srlv_epi32(a.v, count.v)}; }
+template <int N>
+inline u8v u8_shr_imm(u8v a) { return {_mm256_srli_epi32(a.v, N)}; }
+/// *lo in lanes 0–3, *hi in lanes 4–7.
+inline f8 f8_halves(const float* lo, const float* hi) {
+  return {_mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(lo)), _mm_broadcast_ss(hi), 1)};
+}
 inline u8v u8_shl(u8v a, int count) { return {_mm256_slli_epi32(a.v, count)}; }
 inline u8v u8_and(u8v a, uint32_t m) { return {_mm256_and_si256(a.v, _mm256_set1_epi32((int)m))}; }
 inline u8v u8_or(u8v a, u8v b) { return {_mm256_or_si256(a.v, b.v)}; }
 inline f8 u8_to_f8(u8v a) { return {_mm256_cvtepi32_ps(a.v)}; }
 inline f8 f8_from_f16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+/// bf16 is the top half of an fp32: widened by a shift.
+inline f8 f8_from_bf16(const uint16_t* p) {
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16))};
+}
 /// One stored scale (α or β) as fp32: fp16 bits through F16C's scalar convert.
 inline float scale_f32(uint16_t h) { return _cvtsh_ss(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) {
@@ -89,12 +101,17 @@ inline u8v u8_bytes(const uint32_t* p) {
   return r;
 }
 inline u8v u8_setr(const int32_t* lanes) { u8v r; QL_LANES(r.v[l] = (uint32_t)lanes[l]); return r; }
+inline u8v u8_load(const uint32_t* p) { u8v r; QL_LANES(r.v[l] = p[l]); return r; }
 inline u8v u8_shr(u8v a, u8v count) { QL_LANES(a.v[l] >>= count.v[l]); return a; }
+template <int N>
+inline u8v u8_shr_imm(u8v a) { QL_LANES(a.v[l] >>= N); return a; }
+inline f8 f8_halves(const float* lo, const float* hi) { f8 r; QL_LANES(r.v[l] = l < 4 ? *lo : *hi); return r; }
 inline u8v u8_shl(u8v a, int count) { QL_LANES(a.v[l] <<= count); return a; }
 inline u8v u8_and(u8v a, uint32_t m) { QL_LANES(a.v[l] &= m); return a; }
 inline u8v u8_or(u8v a, u8v b) { QL_LANES(a.v[l] |= b.v[l]); return a; }
 inline f8 u8_to_f8(u8v a) { f8 r; QL_LANES(r.v[l] = (float)a.v[l]); return r; }
 inline f8 f8_from_f16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = f16_to_f32(p[l])); return r; }
+inline f8 f8_from_bf16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = bf16_to_f32(p[l])); return r; }
 inline float scale_f32(uint16_t h) { return f16_to_f32(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) { QL_LANES(p[l] = f32_to_f16(a.v[l])); }
 struct b32 { uint8_t v[32]; };
