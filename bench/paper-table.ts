@@ -14,7 +14,7 @@
 // perplexity — its trainings do not depend on the setting, so this costs evaluations only.
 //
 //   npx tsx bench/paper-table.ts [--model M --tokenizer T] [--steps 80] [--seeds 1,2,3] [--bits 4,3,2]
-//     [--groups 32,128] [--quantizers rtn,gptq] [--lr-lora 1e-3,…] [--lr-mean …] [--lr-sum …] [--out FILE]
+//     [--groups 32,128] [--quantizers rtn,gptq] [--lr-lora 1e-3,…] [--lr-mean …] [--lr-sum …] [--extend 2] [--out FILE]
 import { writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -54,6 +54,7 @@ const { values: a } = parseArgs({
     'eval-windows': { type: 'string', default: '64' },
     'select-windows': { type: 'string', default: '32' },
     'calib-windows': { type: 'string', default: '16' },
+    extend: { type: 'string', default: '2' },
     out: { type: 'string', default: join(repo, 'bench/paper-table.md') },
   },
 });
@@ -165,18 +166,32 @@ async function loraMerged(lr: number, seed: number): Promise<LlamaWeights> {
   return loraRuns.get(key)!;
 }
 
-interface Cell { lr: number; sweep: number[]; test: number[] }
+interface Cell { lr: number; rates: number[]; sweep: number[]; test: number[] }
+// A selected rate at the grid's edge may not be the method's best: the sweep steps past that edge, by the grid's own
+// ratio, until the best rate is interior (at most `extend` steps each way).
+const extend = Number(a['extend']);
 /** Sweeps `grid` on seed 1 by selection perplexity, then runs the later seeds at the best rate; test ppl per seed. */
-async function tuned(rates: number[], run: (lr: number, seed: number) => Promise<LlamaModel>): Promise<Cell> {
-  const first: LlamaModel[] = [], sweep: number[] = [];
-  for (const lr of rates) {
-    first.push(await run(lr, seed1));
-    sweep.push(await selectPpl(first[first.length - 1]));
+async function tuned(grid: number[], run: (lr: number, seed: number) => Promise<LlamaModel>): Promise<Cell> {
+  const rates = [...grid], first = new Map<number, LlamaModel>(), sweepAt = new Map<number, number>();
+  const score = async (lr: number) => {
+    const m = await run(lr, seed1);
+    first.set(lr, m);
+    sweepAt.set(lr, await selectPpl(m));
+  };
+  for (const lr of rates) await score(lr);
+  const bestRate = () => rates.reduce((b, r) => (sweepAt.get(r)! < sweepAt.get(b)! ? r : b));
+  for (let up = 0, down = 0; rates.length > 1;) {
+    const best = bestRate(), n = rates.length;
+    let next: number;
+    if (best === rates[n - 1] && up++ < extend) rates.push(next = +(rates[n - 1] ** 2 / rates[n - 2]).toPrecision(3));
+    else if (best === rates[0] && down++ < extend) rates.unshift(next = +(rates[0] ** 2 / rates[1]).toPrecision(3));
+    else break;
+    log(`  rate ${best} is at the sweep's edge: trying ${next}`);
+    await score(next);
   }
-  const best = sweep.indexOf(Math.min(...sweep));
-  const lr = rates[best], test = [await testPpl(first[best])];
+  const lr = bestRate(), test = [await testPpl(first.get(lr)!)];
   for (const seed of laterSeeds) test.push(await testPpl(await run(lr, seed)));
-  return { lr, sweep, test };
+  return { lr, rates, sweep: rates.map((r) => sweepAt.get(r)!), test };
 }
 
 // LoRA deployed in float (16-bit, not INT-b): the reference the quantized rows lose against.
@@ -212,8 +227,8 @@ const mean = (x: number[]) => x.reduce((p, v) => p + v, 0) / x.length;
 const sd = (x: number[]) => (x.length > 1 ? Math.sqrt(x.reduce((p, v) => p + (v - mean(x)) ** 2, 0) / (x.length - 1)) : 0);
 const fmt = (x: number[]) => `${mean(x).toFixed(2)} ± ${sd(x).toFixed(2)}`;
 const lrs = (m: Method) => grid[m].join(', ');
-// A rate at the grid's edge may not be the method's best: the sweep table marks it.
-const edge = (m: Method, c: Cell) => (c.lr === grid[m][0] || c.lr === grid[m][grid[m].length - 1] ? '†' : '');
+// A rate still at the sweep's edge after extending may not be the method's best: the sweep table marks it.
+const edge = (c: Cell) => (c.lr === c.rates[0] || c.lr === c.rates[c.rates.length - 1] ? '†' : '');
 const bestQa = (r: Row) => Math.min(mean(r.cells.mean.test), mean(r.cells.sum.test));
 const wins = (rs: Row[]) => rs.filter((r) => bestQa(r) < mean(r.cells.lora.test)).length;
 const minutes = (performance.now() - t0) / 60000;
@@ -222,12 +237,16 @@ const groupNote = groups.map((g) => {
   return o.length ? `in the g = ${g} rows ${o.map((p) => `${p} (in = ${projectionShape(p, cfg).in}) uses group ${groupFor(projectionShape(p, cfg).in, g)}`).join(', ')}` : '';
 }).filter(Boolean).join('; ');
 const skipped = groupsAsked.filter((g) => !groups.includes(g));
-const cmd = `npx tsx bench/paper-table.ts${a.model === demoAssets.model ? '' : ` --model ${a.model}`}${a.tokenizer ? ` --tokenizer ${a.tokenizer}` : ''} --steps ${steps} --seeds ${seeds.join(',')} --bits ${bitsList.join(',')} --groups ${groupsAsked.join(',')} --quantizers ${quantizers.join(',')} --batch-size ${batch} --seq-len ${seqLen} --rank ${rank} --alpha ${alpha} --lr-lora ${grid.lora.join(',')} --lr-mean ${grid.mean.join(',')} --lr-sum ${grid.sum.join(',')} --eval-windows ${testN} --select-windows ${selectN} --calib-windows ${calibWin.count}${a.out === join(repo, 'bench/paper-table.md') ? '' : ` --out ${a.out}`}`;
+const cmd = `npx tsx bench/paper-table.ts${a.model === demoAssets.model ? '' : ` --model ${a.model}`}${a.tokenizer ? ` --tokenizer ${a.tokenizer}` : ''} --steps ${steps} --seeds ${seeds.join(',')} --bits ${bitsList.join(',')} --groups ${groupsAsked.join(',')} --quantizers ${quantizers.join(',')} --batch-size ${batch} --seq-len ${seqLen} --rank ${rank} --alpha ${alpha} --lr-lora ${grid.lora.join(',')} --lr-mean ${grid.mean.join(',')} --lr-sum ${grid.sum.join(',')} --eval-windows ${testN} --select-windows ${selectN} --calib-windows ${calibWin.count} --extend ${extend}${a.out === join(repo, 'bench/paper-table.md') ? '' : ` --out ${a.out}`}`;
 const cellText = (r: Row, m: Method) => {
   const best = METHODS.every((o) => mean(r.cells[m].test) <= mean(r.cells[o].test));
   return best ? `**${fmt(r.cells[m].test)}**` : fmt(r.cells[m].test);
 };
-const sweepText = (m: Method, c: Cell) => c.sweep.map((p, i) => (grid[m][i] === c.lr ? `**${p.toFixed(2)}**` : p.toFixed(2))).join(' / ') + edge(m, c);
+// Rates the sweep added past the grid's edges are named, since the column's grid does not list them.
+const sweepText = (m: Method, c: Cell) => c.rates.map((r, i) => {
+  const p = c.sweep[i].toFixed(2), v = r === c.lr ? `**${p}**` : p;
+  return grid[m].includes(r) ? v : `(${r}) ${v}`;
+}).join(' / ') + edge(c);
 const md = `# QA-LoRA vs LoRA-then-quantize on ${modelName} → ${basename(a.data!, '.txt')}
 
 Test perplexity of the **deployed** model (lower is better) on the last 5% of ${basename(a.data!)} (${testN} windows × ${seqLen}
@@ -235,7 +254,8 @@ tokens), after fine-tuning ${modelName} (dim ${cfg.dim}, hidden ${cfg.hidden}, $
 ${steps} steps × ${batch} sequences × ${seqLen} tokens, AdamW constant rate (3% warmup), clip 0.3, rank ${rank}, alpha ${alpha},
 dropout 0.05, all seven projections. Each method's rate is swept on seed 1 (LoRA ${lrs('lora')}; QA-LoRA mean
 pooling ${lrs('mean')}; sum pooling ${lrs('sum')}) and selected on a validation split (the last 5% of the training
-windows, ${selectN} scored, never trained on); seeds ${laterSeeds.join(', ')} then run at the selected rate. Mean ± standard deviation over
+windows, ${selectN} scored, never trained on); a best rate at the grid's edge sends the sweep one step further (by the grid's
+ratio, up to ${extend} steps each way); seeds ${laterSeeds.join(', ')} then run at the selected rate. Mean ± standard deviation over
 seeds ${seeds.join(', ')} (adapter init, data order, dropout). LoRA's rate is selected per row on its quantized model.
 ${groupNote ? `Groups: ${groupNote}. ` : ''}${skipped.length ? `Group ${skipped.join(', ')} does not divide dim ${cfg.dim}: not run. ` : ''}${quantizers.includes('gptq') ? `GPTQ calibrates on ${calibWin.count} training windows.` : ''}
 
@@ -250,7 +270,7 @@ Bold: the best deployed model of the row. QA-LoRA (the better pooling) beats LoR
 ${rows.length} settings: ${bitsList.map((b) => `${b}-bit ${wins(rows.filter((r) => r.bits === b))}/${rows.filter((r) => r.bits === b).length}`).join(', ')}.
 
 Selected rates and the sweep (validation perplexity at each rate of the grid, seed 1; bold: selected;
-†: at the grid's edge, so the best rate may lie outside it):
+(r): a rate the sweep added past the grid's edge; †: still at the sweep's edge, so the best rate may lie outside it):
 
 | bits | group | quantizer | LoRA → quantize | QA-LoRA mean | QA-LoRA sum |
 |---:|---:|:---|:---|:---|:---|

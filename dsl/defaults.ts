@@ -2,7 +2,7 @@
 // rank 64, alpha 16, dropout 0.05, mean pooling), except the activation dtype: fp32, the one every backend
 // runs and the one the reference checks bit-for-bit; ask for fp16/bf16 explicitly. Scales (α, β) default to fp32 for
 // the same reason; `scales fp16` is opt-in (it rounds what min-max quantization computes). specs/README.md lists these.
-import type { Projection, QaloraSettings } from './resolved.ts';
+import type { Projection, QaloraSettings, TableType } from './resolved.ts';
 
 export const DEFAULT_SETTINGS: Readonly<QaloraSettings> = {
   bits: 4,
@@ -23,6 +23,12 @@ export const BITS = [2, 3, 4, 8] as const;
 export const POOLS = ['mean', 'sum', 'peft'] as const;
 export const DTYPES = ['fp32', 'fp16', 'bf16'] as const;
 export const SCALE_DTYPES = ['fp32', 'fp16'] as const;
+/**
+ * How a model holds its token embedding and classifier: `file` keeps the checkpoint's own type; the others convert
+ * on load — fp32, the half types, or ggml's group-32 blocks (quantized as llama.cpp's quantize does, so a GGUF
+ * export writes them back as those blocks).
+ */
+export const TABLE_TYPES: readonly TableType[] = ['file', 'fp32', 'fp16', 'bf16', 'q8_0', 'q4_1', 'q4_0'];
 
 /** CUDA archs qalora builds for (Ampere and newer). `a` variants enable arch-specific features (wgmma on sm_90a). */
 export const KNOWN_ARCHS: readonly string[] = [

@@ -4,8 +4,8 @@
 import type { Loc } from './diagnostics.ts';
 import { DEFAULT_CUDA_ARCHS, DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, DEFAULT_SETTINGS, LLAMA_KEYS, REQUIRED_LLAMA_KEYS, divisors, nearestDivisor, projectionShape } from './defaults.ts';
 import { Reporter, listWords, toIdentifier } from './read.ts';
-import { PROJECTIONS, type ModelShape, type Projection, type QaloraSettings, type ResolvedLayer, type ResolvedSpec, type Targets } from './resolved.ts';
-import type { ModelDef, QKey, Scope, Settings, ShapeKey, SpecDef, TargetsAcc } from './validate.ts';
+import { PROJECTIONS, type ModelShape, type Projection, type QaloraSettings, type ResolvedLayer, type ResolvedSpec, type TableTypes, type Targets } from './resolved.ts';
+import type { ModelDef, QKey, Scope, Settings, ShapeKey, SpecDef, TablesDef, TargetsAcc } from './validate.ts';
 
 interface Resolved<T> {
   value: T;
@@ -40,10 +40,15 @@ export function resolve(r: Reporter, def: ModelDef | SpecDef, defaults: Scope, r
   const anchor = def.name?.loc ?? def.keyLoc;
   const targets = resolveTargets(def.scope.targets ?? defaults.targets);
   let model: ModelShape | undefined;
+  let tables: TableTypes | undefined;
   let candidates: Candidate[] = [];
   if (def.kind === 'model') {
     model = resolveShape(r, def);
     if (!model) return undefined;
+    if (def.tables) {
+      tables = resolveTables(r, def.tables, model);
+      if (!tables) return undefined;
+    }
     const adapters = def.scope.adapters === undefined ? defaults.adapters : def.scope.adapters;
     if (adapters === null) return undefined; // bad adapters list, already reported
     const withAdapter = adapters ? adapters.set : new Set(PROJECTIONS);
@@ -81,7 +86,7 @@ export function resolve(r: Reporter, def: ModelDef | SpecDef, defaults: Scope, r
   const layers = candidates.map((c) => resolveLayer(c));
   checkGroups(r, candidates, layers, anchor, def.kind === 'model');
   checkRanks(r, candidates, layers, anchor);
-  return { name, file: rootFile, ...(model ? { model } : {}), layers: layers.map((l) => l.layer), targets };
+  return { name, file: rootFile, ...(model ? { model } : {}), ...(tables ? { tables } : {}), layers: layers.map((l) => l.layer), targets };
 }
 
 function resolveLayer(c: Candidate): { layer: ResolvedLayer; group: Resolved<number>; rank: Resolved<number> } {
@@ -136,6 +141,21 @@ function resolveShape(r: Reporter, def: ModelDef): ModelShape | undefined {
     ok = false;
   }
   return ok ? shape : undefined;
+}
+
+/** The tables' types; ggml's blocks hold 32 inputs, so a block type needs dim to be a multiple of 32. */
+function resolveTables(r: Reporter, t: TablesDef, model: ModelShape): TableTypes | undefined {
+  if (t.embedding === null || t.classifier === null) return undefined; // a bad type, already reported
+  const tables: TableTypes = { embedding: t.embedding?.value ?? 'file', classifier: t.classifier?.value ?? 'file' };
+  let ok = true;
+  for (const which of ['embedding', 'classifier'] as const) {
+    const s = t[which];
+    if (!s || !s.value.startsWith('q') || model.dim % 32 === 0) continue;
+    if (which === 'classifier' && t.embedding === s) continue; // `tables q8_0`: one setting, reported once
+    r.error(s.loc, `${s.value} stores blocks of 32 values along each row, but the table's rows are dim = ${model.dim} long`, `a multiple of 32 is needed; use fp16, bf16 or fp32 for this model`);
+    ok = false;
+  }
+  return ok ? tables : undefined;
 }
 
 function resolveTargets(acc: TargetsAcc | undefined): Targets {

@@ -7,6 +7,12 @@ export type ActDType = 'fp32' | 'fp16' | 'bf16';
 export type Pool = 'mean' | 'sum' | 'peft';
 /** How α and β are stored: fp32, or fp16 (raw uint16 bits; what GGUF Q4_1 holds, 2 bits per weight less at g 32). */
 export type ScaleDType = 'fp32' | 'fp16';
+/** A token table's storage (dsl/defaults.ts TABLE_TYPES); `file` keeps the checkpoint's own. */
+export type TableType = 'file' | 'fp32' | 'fp16' | 'bf16' | 'q8_0' | 'q4_1' | 'q4_0';
+export interface TableTypes {
+  embedding: TableType;
+  classifier: TableType;
+}
 export type Projection = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down';
 export const PROJECTIONS: readonly Projection[] = ['q', 'k', 'v', 'o', 'gate', 'up', 'down'];
 
@@ -55,6 +61,8 @@ export interface ResolvedSpec {
   name: string;
   file: string;
   model?: ModelShape;
+  /** A model's token tables, when the spec names their type (`tables …`); absent: as the checkpoint stores them. */
+  tables?: TableTypes;
   layers: ResolvedLayer[];
   targets: Targets;
 }

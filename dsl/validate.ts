@@ -4,11 +4,11 @@
 // only when the syntax was sound, because a recovered parse may have dropped the very key they would miss.
 import type { AstItem, AstValue } from './ast.ts';
 import type { Diagnostic, Loc } from './diagnostics.ts';
-import { BITS, DTYPES, KNOWN_ARCHS, LLAMA_KEYS, MIN_CUDA_ARCH, POOLS, SCALE_DTYPES } from './defaults.ts';
+import { BITS, DTYPES, KNOWN_ARCHS, LLAMA_KEYS, MIN_CUDA_ARCH, POOLS, SCALE_DTYPES, TABLE_TYPES } from './defaults.ts';
 import {
   Reporter, checkIdentifier, noBlock, noValues, readChoice, readItems, readNames, readNumber, type Setting,
 } from './read.ts';
-import { PROJECTIONS, type Projection, type QaloraSettings, type ResolvedSpec } from './resolved.ts';
+import { PROJECTIONS, type Projection, type QaloraSettings, type ResolvedSpec, type TableType } from './resolved.ts';
 import { suggest, suggestionHint } from './suggest.ts';
 import { resolve } from './resolve.ts';
 
@@ -39,6 +39,14 @@ export interface ModelDef {
   llama?: { loc: Loc; values: { [K in ShapeKey]?: Setting<number> | null }; suggested: Set<string> };
   scope: Scope;
   overrides: Map<Projection, { loc: Loc; settings: Settings }>;
+  /** `tables X` (both) or `tables { embedding X  classifier Y }`; null entries were bad (already reported). */
+  tables?: TablesDef;
+}
+
+export interface TablesDef {
+  loc: Loc;
+  embedding?: Setting<TableType> | null;
+  classifier?: Setting<TableType> | null;
 }
 
 export interface LayerDef {
@@ -92,7 +100,10 @@ export function validate(items: readonly AstItem[], rootFile: string, syntaxOk: 
   }, {
     repeatable: ['include', 'defaults', 'model', 'spec'],
     label: "a file's top level",
-    misplaced: Object.fromEntries(['llama', 'qalora', 'adapters', 'override', 'target', 'layer', ...QKEYS].map((k) => [k, 'write it inside `model NAME { … }`, `spec NAME { … }` or `defaults { … }`'])),
+    misplaced: {
+      ...Object.fromEntries(['llama', 'qalora', 'adapters', 'override', 'target', 'layer', ...QKEYS].map((k) => [k, 'write it inside `model NAME { … }`, `spec NAME { … }` or `defaults { … }`'])),
+      tables: 'write it inside `model NAME { … }`',
+    },
   });
 
   let spec: ResolvedSpec | undefined;
@@ -151,6 +162,7 @@ function readModel(r: Reporter, item: AstItem): ModelDef {
         else def.overrides.set(p, { loc: n.loc, settings });
       }
     },
+    tables: (it) => (def.tables = readTables(r, it)),
   }, { layer: 'standalone layers go in `spec NAME { … }`; a model\'s layers come from its `llama` shape' });
   return def;
 }
@@ -193,6 +205,25 @@ function readSpec(r: Reporter, item: AstItem): SpecDef {
   return def;
 }
 
+function readTables(r: Reporter, item: AstItem): TablesDef {
+  const def: TablesDef = { loc: item.keyLoc };
+  const types = `one of ${TABLE_TYPES.join(', ')}`;
+  if (item.values.length > 0) {
+    if (item.block) r.error(item.block.open, '`tables` takes one type for both tables or a `{ … }` block, not both', 'e.g. `tables fp16` or `tables { embedding q8_0  classifier fp16 }`');
+    def.embedding = def.classifier = readChoice(r, { ...item, block: undefined }, TABLE_TYPES, 'table type') ?? null;
+    return def;
+  }
+  if (!item.block) {
+    r.error(item.keyLoc, `\`tables\` needs a type (${types}) or a \`{ … }\` block`, 'e.g. `tables fp16` or `tables { embedding q8_0  classifier fp16 }`');
+    return def;
+  }
+  readItems(r, item.block.items, 'in `tables`', {
+    embedding: (x) => (def.embedding = readChoice(r, x, TABLE_TYPES, 'table type') ?? null),
+    classifier: (x) => (def.classifier = readChoice(r, x, TABLE_TYPES, 'table type') ?? null),
+  });
+  return def;
+}
+
 function qaloraKeysMisplaced(where: string): Record<string, string> {
   return Object.fromEntries(QKEYS.map((k) => [k, `QA-LoRA settings go in \`qalora { … }\`, not in \`${where}\``]));
 }
@@ -226,6 +257,7 @@ function readScope(
   const belongsTo: Record<string, string> = {
     llama: 'a shape belongs to one model: put it in `model NAME { … }`',
     override: 'overrides adjust projections of one model: put them in `model NAME { … }`',
+    tables: 'token tables belong to a model: put `tables` in `model NAME { … }`',
     layer: 'standalone layers belong in `spec NAME { … }`',
   };
   const notHere = Object.fromEntries(Object.entries(belongsTo).filter(([k]) => !(k in handlers)));

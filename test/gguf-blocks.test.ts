@@ -21,7 +21,7 @@ import type { QuantLinear } from '../runtime/model/types.ts';
 import type { SentencePieceBpe } from '../runtime/tokenizer/sentencepiece.ts';
 import { dataTokenizerFor, prepareData } from '../runtime/train/setup.ts';
 import { train } from '../runtime/train/trainer.ts';
-import { encodeGgml } from './ggml-encode.ts';
+import { quantizeGgml } from '../runtime/formats/ggml-quantize.ts';
 import { fixture, repoRoot } from './fixtures.ts';
 import { cpuLlama, expectSameGreedy, llamaCppGreedy } from './llama-cpp.ts';
 import { shakespeareSlice, STORIES, TOK } from './train-fixture.ts';
@@ -42,9 +42,9 @@ async function quantizedGguf(type: number, name: string, classifier?: number): P
   for (const t of float.tensors.values()) {
     const [cols, rows] = t.dims;
     const w = t.dims.length === 2 && cols % 32 === 0 ? new Float32Array(t.read().slice().buffer) : undefined;
-    tensors.push(w ? { name: t.name, dims: t.dims, type, data: encodeGgml(type, w, rows, cols) } : { name: t.name, dims: t.dims, type: t.type, data: t.read() });
+    tensors.push(w ? { name: t.name, dims: t.dims, type, data: quantizeGgml(type, w, rows, cols) } : { name: t.name, dims: t.dims, type: t.type, data: t.read() });
     if (classifier !== undefined && t.name === 'token_embd.weight') {
-      tensors.push({ name: 'output.weight', dims: t.dims, type: classifier, data: encodeGgml(classifier, new Float32Array(t.read().slice().buffer).map((v) => -v), rows, cols) });
+      tensors.push({ name: 'output.weight', dims: t.dims, type: classifier, data: quantizeGgml(classifier, new Float32Array(t.read().slice().buffer).map((v) => -v), rows, cols) });
     }
   }
   const path = join(dir, name);

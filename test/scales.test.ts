@@ -17,7 +17,7 @@ import type { LlamaWeights, ProjectionName, QuantLinear } from '../runtime/model
 import { openSafetensors } from '../runtime/safetensors.ts';
 import * as ref from '../runtime/reference/qalora.ts';
 import { f16ToF32 } from '../runtime/reference/numeric.ts';
-import { encodeGgml } from './ggml-encode.ts';
+import { quantizeGgml } from '../runtime/formats/ggml-quantize.ts';
 import { randomF32, randoms } from './kernel-grid.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'qalora-scales-'));
@@ -76,7 +76,7 @@ describe('GGUF blocks with fp16 scales', () => {
   for (const type of [GgmlType.Q4_0, GgmlType.Q4_1, GgmlType.Q8_0]) {
     it(`type ${type}: d and m copied as fp16 bits, the same weights as the fp32 conversion`, () => {
       const out = 5, inF = 96;
-      const data = encodeGgml(type, randomF32(out * inF, randoms(type), 1), out, inF);
+      const data = quantizeGgml(type, randomF32(out * inF, randoms(type), 1), out, inF);
       const l16 = blocksToQuantLinear(type, data, out, inF, { scales: 'fp16' })!;
       const l32 = blocksToQuantLinear(type, data, out, inF, {})!;
       expect(l16.alpha).toBeInstanceOf(Uint16Array);

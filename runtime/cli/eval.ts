@@ -7,7 +7,9 @@ import { Progress } from '../progress.ts';
 import { evaluateWindows, type EvalResult } from '../train/evaluate.ts';
 import { dataTokenizerFor, defaultSeqLen, openForRun, prepareData, tokenizerSource } from '../train/setup.ts';
 import type { Tokenizer } from '../tokenizer/types.ts';
-import { requantizeOption } from './options.ts';
+import { requantizeOption, tablesOption } from './options.ts';
+import type { TableType } from '../../dsl/resolved.ts';
+
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 export interface EvalOptions {
@@ -56,13 +58,14 @@ export function register(program: Command): void {
     .option('--separator <s>', 'document separator in plain text')
     .option('--backend <name>', 'cpu (default) | cuda | emu', 'cpu')
     .addOption(requantizeOption())
+    .addOption(tablesOption())
     .option('--quiet', 'no progress bar')
     .action(async (o: Record<string, string | boolean | undefined>) => {
       const int = (k: string) => (o[k] === undefined ? undefined : Number(o[k]));
       if (o.split !== 'all' && o.split !== 'val') throw new QaloraError(`--split must be all or val, got ${o.split}`);
       const opened = await openForRun({
         model: o.model as string, tokenizer: o.tokenizer as string | undefined, spec: o.spec as string | undefined,
-        adapter: o.adapter as string | undefined, backend: o.backend as 'cpu', requantize: Boolean(o.requantize), inferred: { rank: 0 },
+        adapter: o.adapter as string | undefined, backend: o.backend as 'cpu', requantize: Boolean(o.requantize), inferred: { rank: 0 }, tables: o.tables as TableType | undefined,
       });
       announceImpliedSpec(opened.impliedSpec);
       const r = evaluateFile(opened.model, opened.tokenizer, tokenizerSource(o.model as string, o.tokenizer as string | undefined), {

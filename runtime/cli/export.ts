@@ -7,7 +7,9 @@ import { QaloraError } from '../errors.ts';
 import { exportModel, EXPORT_FORMATS, type ExportFormat } from '../export/index.ts';
 import { exportLora, LORA_FORMATS, type LoraFormat } from '../export/lora.ts';
 import { openForRun, tokenizerSource } from '../train/setup.ts';
-import { requantizeOption } from './options.ts';
+import { requantizeOption, tablesOption } from './options.ts';
+import type { TableType } from '../../dsl/resolved.ts';
+
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 const FORMATS = [...EXPORT_FORMATS, ...LORA_FORMATS];
@@ -46,6 +48,7 @@ export function register(program: Command): void {
     .option('--lossy', 'allow an inexact conversion and report the error it introduces')
     .option('--name <s>', 'model name recorded in the file')
     .addOption(requantizeOption())
+    .addOption(tablesOption())
     .action(async (o: Record<string, string | boolean | undefined>) => {
       if ((LORA_FORMATS as readonly string[]).includes(o.format as string)) return exportAdapter(o);
       const format = o.format as ExportFormat;
@@ -53,7 +56,7 @@ export function register(program: Command): void {
       if (!o.model) throw new QaloraError(`--format ${format} exports a model: give --model`);
       const opened = await openForRun({
         model: o.model as string, tokenizer: o.tokenizer as string | undefined, spec: o.spec as string | undefined,
-        adapter: o.adapter as string | undefined, requantize: Boolean(o.requantize), inferred: { rank: 0 },
+        adapter: o.adapter as string | undefined, requantize: Boolean(o.requantize), inferred: { rank: 0 }, tables: o.tables as TableType | undefined,
       });
       announceImpliedSpec(opened.impliedSpec);
       let weights = opened.model.weights;

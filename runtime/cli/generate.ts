@@ -5,7 +5,9 @@ import { QaloraError } from '../errors.ts';
 import { generate } from '../model/generate.ts';
 import { openModel } from '../model/open.ts';
 import type { BackendName } from '../model/types.ts';
-import { activationsOption, requantizeOption } from './options.ts';
+import { activationsOption, requantizeOption, tablesOption } from './options.ts';
+import type { TableType } from '../../dsl/resolved.ts';
+
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 interface GenerateFlags {
@@ -25,6 +27,7 @@ interface GenerateFlags {
   quantize: 'rtn' | 'gptq';
   requantize?: boolean;
   activations: 'fp32' | 'int8';
+  tables?: TableType;
 }
 
 export function number(flag: string, text: string, integer = false): number {
@@ -55,12 +58,13 @@ export function register(program: Command): void {
     .addOption(new Option('--quantize <method>', 'how float layers are quantized into the spec').choices(['rtn', 'gptq']).default('rtn'))
     .addOption(requantizeOption())
     .addOption(activationsOption())
+    .addOption(tablesOption())
     .action(async (o: GenerateFlags) => {
       if (o.steps !== undefined && o.maxTokens !== undefined) throw new QaloraError('give -n or --max-tokens, not both');
       if (o.quantize === 'gptq') throw new QaloraError('generate quantizes with rtn; make a GPTQ base once with `qalora quantize --method gptq` and pass it as --model');
       const { model, tokenizer, impliedSpec } = await openModel({
         model: o.model, tokenizer: o.tokenizer, spec: o.spec, adapter: o.adapter, backend: o.backend, quantize: o.quantize,
-        requantize: o.requantize, inferred: { rank: 0 }, activations: o.activations,
+        requantize: o.requantize, inferred: { rank: 0 }, activations: o.activations, tables: o.tables,
       });
       announceImpliedSpec(impliedSpec);
       const out = process.stdout;

@@ -10,7 +10,9 @@ import type { LlamaModel } from '../model/llama.ts';
 import type { AdapterSet, LlamaWeights } from '../model/types.ts';
 import { loadNativeOps } from '../model/native-ops.ts';
 import { META_SPEC, META_TOKENIZER, openForRun, tokenizerSource } from '../train/setup.ts';
-import { requantizeOption } from './options.ts';
+import { requantizeOption, tablesOption } from './options.ts';
+import type { TableType } from '../../dsl/resolved.ts';
+
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 import { detectFormat } from '../formats/load.ts';
 
@@ -38,9 +40,10 @@ export function register(program: Command): void {
     .option('--tokenizer <path>', 'tokenizer file, when not found with the model')
     .option('--backend <name>', 'cpu (default) | cuda | emu', 'cpu')
     .addOption(requantizeOption())
-    .action(async (o: { model: string; adapter: string; out: string; spec?: string; tokenizer?: string; backend: 'cpu'; requantize?: boolean }) => {
+    .addOption(tablesOption())
+    .action(async (o: { model: string; adapter: string; out: string; spec?: string; tokenizer?: string; backend: 'cpu'; requantize?: boolean; tables?: TableType }) => {
       if (!o.out.endsWith('.safetensors')) throw new QaloraError(`--out ${o.out}: the merged model is a .safetensors file`);
-      const opened = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, requantize: o.requantize, inferred: { rank: 0 } });
+      const opened = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, requantize: o.requantize, inferred: { rank: 0 }, tables: o.tables });
       announceImpliedSpec(opened.impliedSpec);
       const info = loadPeftAdapter(o.adapter, { model: opened.model.config });
       if (info.kind !== 'qalora') throw new QaloraError(`${o.adapter}: a plain LoRA adapter cannot merge into an INT-b base without re-quantizing; merge it into a float model instead`);

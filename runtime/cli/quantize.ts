@@ -9,7 +9,9 @@ import { openModel } from '../model/open.ts';
 import type { BackendName } from '../model/types.ts';
 import { Progress } from '../progress.ts';
 import { number } from './generate.ts';
-import { requantizeOption } from './options.ts';
+import { requantizeOption, tablesOption } from './options.ts';
+import type { TableType } from '../../dsl/resolved.ts';
+
 import { reportPeakMemory } from './report.ts';
 
 interface QuantizeFlags {
@@ -24,6 +26,7 @@ interface QuantizeFlags {
   backend: BackendName;
   quiet?: boolean;
   requantize?: boolean;
+  tables?: TableType;
 }
 
 export function register(program: Command): void {
@@ -40,6 +43,7 @@ export function register(program: Command): void {
     .option('--calib-tokens <n>', 'tokens per calibration sequence', '256')
     .addOption(new Option('--backend <name>', 'kernels used to quantize').choices(['cpu', 'cuda', 'emu']).default('cpu'))
     .addOption(requantizeOption())
+    .addOption(tablesOption())
     .option('-q, --quiet', 'no progress bar')
     .action(async (o: QuantizeFlags) => {
       if (!o.out.endsWith('.safetensors')) throw new QaloraError(`--out ${o.out}: the quantized base is a .safetensors file`);
@@ -49,7 +53,7 @@ export function register(program: Command): void {
       let bar: Progress | undefined;
       const t0 = performance.now();
       const { model } = await openModel({
-        model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, quantize: o.method, requantize: o.requantize,
+        model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend, quantize: o.method, requantize: o.requantize, tables: o.tables,
         calib: o.calib ? (tok, config) => calibrationFromText(o.calib!, tok, { samples, tokens, context: config.context }) : undefined,
         onProgress: (done, total, what) => {
           bar ??= new Progress({ label: `quantize ${o.method}`, total, unit: 'layers', silent: o.quiet });

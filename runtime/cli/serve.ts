@@ -5,7 +5,9 @@ import { QaloraError } from '../errors.ts';
 import type { BackendName } from '../model/types.ts';
 import { createQaloraServer } from '../serve/load.ts';
 import { number } from './generate.ts';
-import { activationsOption } from './options.ts';
+import { activationsOption, tablesOption } from './options.ts';
+import type { TableType } from '../../dsl/resolved.ts';
+
 import { reportPeakMemory } from './report.ts';
 
 interface ServeFlags {
@@ -24,6 +26,7 @@ interface ServeFlags {
   shutdownTimeout: string;
   backend: BackendName;
   activations: 'fp32' | 'int8';
+  tables?: TableType;
 }
 
 export function register(program: Command): void {
@@ -45,6 +48,7 @@ export function register(program: Command): void {
     .option('--shutdown-timeout <s>', 'on SIGTERM, seconds to let running requests finish before cancelling them', '10')
     .addOption(new Option('--backend <name>', 'kernels for the QA-LoRA layers').choices(['cpu', 'cuda', 'emu']).default('cpu'))
     .addOption(activationsOption())
+    .addOption(tablesOption())
     .action(async (o: ServeFlags) => {
       const port = number('--port', o.port, true);
       if (port < 0 || port > 65535) throw new QaloraError(`--port ${o.port}: expected 0 to 65535`);
@@ -57,7 +61,7 @@ export function register(program: Command): void {
       if (deadline < 0) throw new QaloraError(`--shutdown-timeout ${o.shutdownTimeout}: expected seconds ≥ 0`);
       const apiKey = o.apiKey ?? (process.env.QALORA_API_KEY || undefined);
       const server = await createQaloraServer({
-        model: o.model, tokenizer: o.tokenizer, spec: o.spec, loras: o.lora, backend: o.backend, activations: o.activations, chatTemplate: o.chatTemplate,
+        model: o.model, tokenizer: o.tokenizer, spec: o.spec, loras: o.lora, backend: o.backend, activations: o.activations, tables: o.tables, chatTemplate: o.chatTemplate,
         modelName: o.modelName, apiKey, parallel: positive('--parallel', o.parallel, 1), maxQueue: positive('--max-queue', o.maxQueue, 0),
         maxBodyBytes: positive('--max-body', o.maxBody, 1),
       });

@@ -12,7 +12,7 @@ import { launchRanks } from '../train/launch.ts';
 import { loadSpecOrFail } from '../../compiler/spec-file.ts';
 import { formatBytes } from '../progress.ts';
 import { announceImpliedSpec, peakRssBytes } from './report.ts';
-import { requantizeOption } from './options.ts';
+import { requantizeOption, tablesOption } from './options.ts';
 import { OpProfile } from '../model/profile.ts';
 
 const FLAG_KEYS: Record<string, keyof TrainConfig> = {
@@ -20,7 +20,7 @@ const FLAG_KEYS: Record<string, keyof TrainConfig> = {
   lr: 'lr', schedule: 'schedule', warmup: 'warmup', batchSize: 'batchSize', gradAccum: 'gradAccum', maxSteps: 'maxSteps',
   epochs: 'epochs', seqLen: 'seqLen', valFraction: 'valFraction', evalEvery: 'evalEvery', evalWindows: 'evalWindows',
   saveEvery: 'saveEvery', seed: 'seed', maxGradNorm: 'maxGradNorm', weightDecay: 'weightDecay', dropout: 'dropout',
-  backend: 'backend', resume: 'resume', quiet: 'quiet', requantize: 'requantize',
+  backend: 'backend', resume: 'resume', quiet: 'quiet', requantize: 'requantize', tables: 'tables',
 };
 
 export function withDropout(spec: ResolvedSpec, dropout: number | undefined): ResolvedSpec {
@@ -46,7 +46,7 @@ export async function runTraining(c: TrainConfig, log: (s: string) => void = (s)
   // Without --spec a quantized file (GGUF Q4_0/Q4_1/Q8_0) trains on its own blocks with the default adapter settings.
   const given = c.spec ? withDropout(loadSpecOrFail(c.spec), c.dropout) : undefined;
   const opened = await openForRun({
-    model: c.model, tokenizer: c.tokenizer, spec: given, backend: c.backend, seed: c.seed, requantize: c.requantize,
+    model: c.model, tokenizer: c.tokenizer, spec: given, backend: c.backend, seed: c.seed, requantize: c.requantize, tables: c.tables,
     inferred: c.dropout === undefined ? undefined : { dropout: c.dropout }, profile,
   });
   const { model, tokenizer } = opened;
@@ -119,6 +119,7 @@ export function register(program: Command): void {
     .option('--dropout <p>', "override the spec's LoRA dropout")
     .option('--backend <name>', 'cpu (default) | cuda | emu')
     .addOption(requantizeOption())
+    .addOption(tablesOption())
     .option('--quiet', 'no progress bar')
     .option('--profile', "time every op of each step and print where a step's time goes (also written to profile.json)")
     .option('--nproc <n>', 'data-parallel: start n ranks with mpirun (needs MPI); --batch-size is per rank')

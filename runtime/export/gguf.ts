@@ -7,6 +7,7 @@
 import { QaloraError } from '../errors.ts';
 import { GgmlType, GgufValueType as T, serializeGguf, writeGguf, type GgufWriteKV, type GgufWriteTensor } from '../formats/gguf.ts';
 import { GGUF_PROJECTION } from '../formats/gguf-llama.ts';
+import { symmetricBlocks } from '../formats/ggml-blocks.ts';
 import type { LlamaWeights, ProjectionName, QuantLinear, TokenTable } from '../model/types.ts';
 import { unpackQ, wordsPerRow } from '../reference/numeric.ts';
 import { denseWeight } from '../model/dense.ts';
@@ -82,16 +83,6 @@ export interface GgufExportResult {
 }
 
 export type BlockType = 'Q4_0' | 'Q4_1' | 'Q5_1' | 'Q8_0';
-
-/** True when every α is an fp16 value and β = k·α in every group: the layer came from Q4_0 (k = −8) or Q8_0 (k = −128). */
-function symmetricBlocks(lin: QuantLinear, k: number): boolean {
-  const alpha = scaleValues(lin.alpha), beta = scaleValues(lin.beta);
-  for (let i = 0; i < alpha.length; i++) {
-    const a = alpha[i];
-    if (f16BitsToF32(f32ToF16Bits(a)) !== a || beta[i] !== Math.fround(k * a)) return false;
-  }
-  return true;
-}
 
 /**
  * The ggml block type that holds a quantized layer exactly when there is one (Q4_0 for a Q4_0 file's untouched

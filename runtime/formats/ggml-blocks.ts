@@ -8,6 +8,7 @@
 // scales they are widened, also exactly.
 import type { QaloraSettings } from '../../dsl/resolved.ts';
 import { QaloraError } from '../errors.ts';
+import { scaleValues } from '../model/scales.ts';
 import type { QuantLinear, ScaleArray } from '../model/types.ts';
 import { f16BitsToF32, f32ToF16Bits } from '../safetensors.ts';
 import { GgmlType } from './ggml-types.ts';
@@ -68,6 +69,16 @@ export function blocksToQuantLinear(type: number, src: Uint8Array | BlockReader,
   }
   const full: QaloraSettings = { rank: 0, alpha: 0, dropout: 0, pool: 'mean', dtype: 'fp32', ...settings, scales, bits, group: 32 };
   return { kind: 'quant', out, in: inF, settings: full, qweight, alpha, beta };
+}
+
+/** True when every α is an fp16 value and β = k·α in every group: the layer came from Q4_0 (k = −8) or Q8_0 (k = −128). */
+export function symmetricBlocks(lin: QuantLinear, k: number): boolean {
+  const alpha = scaleValues(lin.alpha), beta = scaleValues(lin.beta);
+  for (let i = 0; i < alpha.length; i++) {
+    const a = alpha[i];
+    if (f16BitsToF32(f32ToF16Bits(a)) !== a || beta[i] !== Math.fround(k * a)) return false;
+  }
+  return true;
 }
 
 /** −2^k·d as fp16 bits, from d's bits: the exponent moves by k (exact); anything else must round-trip exactly. */

@@ -4,7 +4,7 @@
 //
 // Public surface used by train/, merge, export/ and serve/: keep it stable.
 
-import type { QaloraSettings, ResolvedSpec } from '../../dsl/resolved.ts';
+import type { QaloraSettings, ResolvedSpec, TableType } from '../../dsl/resolved.ts';
 import type { AdapterSet, BackendName, LlamaConfig, LlamaWeights, LoadedLinear } from './types.ts';
 import { QaloraError } from '../errors.ts';
 import { Runner, type ActivationMode, type RunnerOptions } from './runner.ts';
@@ -46,6 +46,8 @@ export interface CreateOptions {
   profile?: OpProfile;
   /** The activations of inference's GEMVs: 'fp32' (exact, default) or 'int8' (CPU only; see ActivationMode). */
   activations?: ActivationMode;
+  /** The token tables' type for both (`--tables`), over the spec's `tables`; absent: the spec's, else the file's. */
+  tables?: TableType;
 }
 
 export interface LossOptions {

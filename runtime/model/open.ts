@@ -29,6 +29,7 @@ export interface OpenOptions {
   onProgress?: (done: number, total: number, what: string) => void;
   profile?: CreateOptions['profile'];
   activations?: CreateOptions['activations'];
+  tables?: CreateOptions['tables'];
 }
 
 export interface OpenedModel {
@@ -70,7 +71,7 @@ export async function openModel(o: OpenOptions): Promise<OpenedModel> {
   const calib = typeof o.calib === 'function' ? o.calib(tokenizer, weights.config) : o.calib;
   const model = await LlamaModel.create(weights, {
     backend, spec, adapters, quantize: o.quantize, calib, seed: o.seed, onProgress: o.onProgress, inferred: o.inferred, requantize: o.requantize,
-    profile: o.profile, activations: o.activations,
+    profile: o.profile, activations: o.activations, tables: o.tables,
   });
   if (o.adapter) {
     const { openAdapterFor } = await import('../adapters/open.ts');

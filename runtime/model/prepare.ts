@@ -11,6 +11,7 @@ import { checkAdapters, initAdapters } from './adapters.ts';
 import { QaloraError } from '../errors.ts';
 import { denseWeight } from './dense.ts';
 import { newScales, scalesOf, withScales } from './scales.ts';
+import { withTableTypes } from './tables.ts';
 
 /** Token sequences to run the float model on for GPTQ calibration (each at most config.context long). */
 export interface CalibrationSource {
@@ -24,11 +25,13 @@ export interface Prepared {
   native: NativeOps;
 }
 
-export async function prepareWeights(loaded: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<Prepared> {
-  checkConfig(loaded);
+export async function prepareWeights(file: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<Prepared> {
+  checkConfig(file);
   // A quantized model (GGUF blocks, GPTQ, our base file) without a spec runs with the settings it carries.
-  const spec = opts.spec ?? specOfQuantized(loaded, opts.backend, opts.inferred);
-  if (spec) checkShape(loaded, spec);
+  const spec = opts.spec ?? specOfQuantized(file, opts.backend, opts.inferred);
+  if (spec) checkShape(file, spec);
+  // Token tables first: their kernels (a table in blocks runs through the rank-0 QA-LoRA kernels) join the build.
+  const loaded = withTableTypes(file, opts.tables ? { embedding: opts.tables, classifier: opts.tables } : spec?.tables);
   const native = await loadNativeOps(nativeSpec(spec, loaded), opts.backend);
   const layers = spec ? layerSettings(spec) : new Map<ProjectionName, ResolvedLayer>();
   let out: LlamaWeights;

@@ -1,7 +1,7 @@
 // What `qalora serve` loads: the model (merged, or a base with its spec), the adapters served beside it by
 // name (vLLM's --lora-modules name=path), the chat template; and the server wired to an engine over them.
 import { basename, extname } from 'node:path';
-import type { Pool, ResolvedSpec } from '../../dsl/resolved.ts';
+import type { Pool, ResolvedSpec, TableType } from '../../dsl/resolved.ts';
 import { openAdapterFor, readAdapter } from '../adapters/open.ts';
 import { QaloraError } from '../errors.ts';
 import { checkAdapters } from '../model/adapters.ts';
@@ -21,6 +21,8 @@ export interface ServeOptions {
   backend?: BackendName;
   /** The decode GEMVs' activations (CreateOptions.activations). */
   activations?: 'fp32' | 'int8';
+  /** The token tables' type (CreateOptions.tables). */
+  tables?: TableType;
   chatTemplate?: string;
   modelName?: string;
   apiKey?: string;
@@ -59,7 +61,7 @@ export async function createQaloraServer(o: ServeOptions): Promise<QaloraServer>
       throw adapterError(l, e);
     }
   }
-  const { model, tokenizer, impliedSpec } = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend ?? 'cpu', inferred: { rank: 0 }, activations: o.activations });
+  const { model, tokenizer, impliedSpec } = await openForRun({ model: o.model, tokenizer: o.tokenizer, spec: o.spec, backend: o.backend ?? 'cpu', inferred: { rank: 0 }, activations: o.activations, tables: o.tables });
   announceImpliedSpec(impliedSpec);
   if (loras.length && !model.spec) throw new QaloraError(needsSpec);
   const adapters = new Map<string, AdapterSet>();

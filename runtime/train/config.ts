@@ -4,6 +4,8 @@ import { readFileSync } from 'node:fs';
 import YAML from 'yaml';
 import { QaloraError } from '../errors.ts';
 import { SCHEDULES, type ScheduleName } from './schedule.ts';
+import { TABLE_TYPES } from '../../dsl/defaults.ts';
+import type { TableType } from '../../dsl/resolved.ts';
 
 export interface TrainConfig {
   model: string;
@@ -40,6 +42,8 @@ export interface TrainConfig {
   quiet: boolean;
   /** Re-quantize file blocks that differ from the spec (lossy) instead of failing. */
   requantize?: boolean;
+  /** The token tables' type (`--tables`, over the spec's `tables`). */
+  tables?: TableType;
 }
 
 export const TRAIN_DEFAULTS: Omit<TrainConfig, 'model' | 'data' | 'out'> = {
@@ -69,7 +73,7 @@ export function defaultLearningRate(dim: number): number {
 
 const NUMBER_KEYS = ['lr', 'warmup', 'batchSize', 'gradAccum', 'maxSteps', 'epochs', 'seqLen', 'valFraction', 'evalWindows',
   'evalEvery', 'saveEvery', 'seed', 'maxGradNorm', 'weightDecay', 'dropout'] as const;
-const STRING_KEYS = ['model', 'tokenizer', 'spec', 'data', 'format', 'separator', 'chatTemplate', 'out', 'schedule', 'backend'] as const;
+const STRING_KEYS = ['model', 'tokenizer', 'spec', 'data', 'format', 'separator', 'chatTemplate', 'out', 'schedule', 'backend', 'tables'] as const;
 const BOOL_KEYS = ['resume', 'quiet', 'requantize'] as const;
 const ALL_KEYS = new Set<string>([...NUMBER_KEYS, ...STRING_KEYS, ...BOOL_KEYS]);
 
@@ -144,5 +148,6 @@ export function resolveTrainConfig(fileValues: Record<string, unknown>, flags: R
   if (c.dropout !== undefined && !(c.dropout >= 0 && c.dropout < 1)) throw new QaloraError(`${where('dropout')}: must be in [0, 1), got ${c.dropout}`);
   if (!SCHEDULES.includes(c.schedule)) throw new QaloraError(`${where('schedule')}: unknown schedule '${c.schedule}' (expected ${SCHEDULES.join(', ')})`);
   if (!['cpu', 'cuda', 'emu'].includes(c.backend)) throw new QaloraError(`${where('backend')}: expected cpu, cuda or emu, got '${c.backend}'`);
+  if (c.tables !== undefined && !TABLE_TYPES.includes(c.tables)) throw new QaloraError(`${where('tables')}: expected one of ${TABLE_TYPES.join(', ')}, got '${c.tables}'`);
   return c;
 }
