@@ -227,6 +227,17 @@ describe('a model whose spec names its tables', () => {
     });
   }
 
+  it('on a GPU backend (emu) a q8_0 table runs through the device\'s rank-0 kernels: logits equal the CPU\'s within 1e-4', async () => {
+    const s = spec('tables q8_0');
+    const cpu = (await LlamaModel.create(weights, { backend: 'cpu', spec: s, seed: 1 })).logits(ids, 1, ids.length);
+    const emuModel = await LlamaModel.create(weights, { backend: 'emu', spec: s, seed: 1 });
+    expect(tableTypeOf(emuModel.weights.classifier)).toBe('q8_0');
+    const emu = emuModel.logits(ids, 1, ids.length);
+    let d = 0, m = 0;
+    for (let i = 0; i < cpu.length; i++) { d = Math.max(d, Math.abs(cpu[i] - emu[i])); m = Math.max(m, Math.abs(cpu[i])); }
+    expect(d / m).toBeLessThan(1e-4);
+  });
+
   it('--tables (CreateOptions.tables) names one type for both tables, over the spec\'s; a train config checks it', async () => {
     const opened = await openModel({ model: fixture(STORIES), tokenizer: fixture(TOK), spec: spec('tables q8_0'), tables: 'bf16' });
     expect(tableTypeOf(opened.weights.tokEmbedding)).toBe('bf16');
