@@ -177,6 +177,15 @@ describe('tableAs: a table converted to the named type', () => {
       expect(bytesOf((t as typeof fromFile).qweight).equals(bytesOf(fromFile.qweight))).toBe(true);
     });
   }
+  it('a large table is converted a slice at a time, slices splitting rows, with the same result as at once', () => {
+    // 4500 × 1024: two slices of rows for the half types; two 4 MiB slices of Q8_0 blocks, the first ending mid-row
+    const V = 4500, D = 1024, big = randomF32(V * D, 21);
+    const q = tableAs(big, 'q8_0', V, D) as ReturnType<typeof blocksToQuantLinear> & object;
+    const whole = blocksToQuantLinear(BLOCKS.q8_0, quantizeGgml(BLOCKS.q8_0, big, V, D), V, D, { scales: 'fp16' })!;
+    for (const k of ['qweight', 'alpha', 'beta'] as const) expect(bytesOf(q[k]).equals(bytesOf(whole[k])), k).toBe(true);
+    const h = tableAs(q, 'bf16', V, D) as { data: Uint16Array };
+    expect(bytesOf(h.data).equals(bytesOf(Uint16Array.from(denseTable(q), f32ToBf16Bits)))).toBe(true);
+  });
   it('a tied table takes one type: two names are an error that says which to write', () => {
     const tied = { config: { vocab, dim }, tokEmbedding: w, classifier: w } as unknown as LlamaWeights;
     expect(() => withTableTypes(tied, { embedding: 'q8_0', classifier: 'fp16' })).toThrow(/ties its classifier to the token embedding.*embedding q8_0 and classifier fp16: write `tables q8_0`/);
