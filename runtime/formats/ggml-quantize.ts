@@ -22,31 +22,43 @@ export function quantizeGgml(type: number, w: Float32Array, rows: number, cols: 
   const bb = info.blockBytes, blocks = (rows * cols) / 32;
   const out = new Uint8Array(blocks * bb);
   const dv = new DataView(out.buffer);
-  for (let b = 0; b < blocks; b++) {
-    const x = w.subarray(b * 32, b * 32 + 32), o = b * bb;
-    if (type === GgmlType.Q8_0) {
+  // Indexed loops, one block type per loop: this runs over whole token tables (65 M values at TinyLlama's size).
+  if (type === GgmlType.Q8_0) {
+    const i8 = new Int8Array(out.buffer);
+    for (let b = 0, x = 0, o = 0; b < blocks; b++, x += 32, o += bb) {
       let amax = 0;
-      for (const v of x) amax = Math.max(amax, Math.abs(v));
+      for (let j = x; j < x + 32; j++) amax = Math.max(amax, Math.abs(w[j]));
       const d = fr(amax / 127), id = d ? fr(1 / d) : 0;
       dv.setUint16(o, f32ToF16Bits(d), true);
-      for (let j = 0; j < 32; j++) dv.setInt8(o + 2 + j, roundf(fr(x[j] * id)));
-    } else if (type === GgmlType.Q4_0) {
-      // d = max / −8 where max is the value of largest magnitude; q = (int8)(x/d + 8.5) capped at 15.
+      for (let j = 0; j < 32; j++) i8[o + 2 + j] = roundf(fr(w[x + j] * id));
+    }
+  } else if (type === GgmlType.Q4_0) {
+    // d = max / −8 where max is the value of largest magnitude; q = (int8)(x/d + 8.5) capped at 15.
+    for (let b = 0, x = 0, o = 0; b < blocks; b++, x += 32, o += bb) {
       let max = 0;
-      for (const v of x) if (Math.abs(v) > Math.abs(max)) max = v;
+      for (let j = x; j < x + 32; j++) if (Math.abs(w[j]) > Math.abs(max)) max = w[j];
       const d = fr(max / -8), id = d ? fr(1 / d) : 0;
       dv.setUint16(o, f32ToF16Bits(d), true);
-      const q = (v: number) => Math.min(15, Math.trunc(fr(fr(v * id) + 8.5)));
-      for (let j = 0; j < 16; j++) out[o + 2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
-    } else {
-      // d = (max − min) / 15, m = min; q = (int8)((x − min)/d + 0.5) capped at 15.
+      for (let j = 0; j < 16; j++) {
+        const q0 = Math.min(15, Math.trunc(fr(fr(w[x + j] * id) + 8.5))), q1 = Math.min(15, Math.trunc(fr(fr(w[x + j + 16] * id) + 8.5)));
+        out[o + 2 + j] = q0 | (q1 << 4);
+      }
+    }
+  } else {
+    // d = (max − min) / 15, m = min; q = (int8)((x − min)/d + 0.5) capped at 15.
+    for (let b = 0, x = 0, o = 0; b < blocks; b++, x += 32, o += bb) {
       let lo = Infinity, hi = -Infinity;
-      for (const v of x) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+      for (let j = x; j < x + 32; j++) {
+        lo = Math.min(lo, w[j]);
+        hi = Math.max(hi, w[j]);
+      }
       const d = fr(fr(hi - lo) / 15), id = d ? fr(1 / d) : 0;
       dv.setUint16(o, f32ToF16Bits(d), true);
       dv.setUint16(o + 2, f32ToF16Bits(lo), true);
-      const q = (v: number) => Math.min(15, Math.trunc(fr(fr(fr(v - lo) * id) + 0.5)));
-      for (let j = 0; j < 16; j++) out[o + 4 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+      for (let j = 0; j < 16; j++) {
+        const q0 = Math.min(15, Math.trunc(fr(fr(fr(w[x + j] - lo) * id) + 0.5))), q1 = Math.min(15, Math.trunc(fr(fr(fr(w[x + j + 16] - lo) * id) + 0.5)));
+        out[o + 4 + j] = q0 | (q1 << 4);
+      }
     }
   }
   return out;
