@@ -1,6 +1,6 @@
 // `qalora generate` against llama2.c's own output (../shared/golden): greedy from BOS, with a prompt, from the
 // GGUF v1 copy of the model, and for a second model (aidreams260K), all through the real CLI.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -33,6 +33,20 @@ describe('qalora generate matches llama2.c', () => {
     // The prompt is 5 tokens with BOS, so -n 64 makes 60 new tokens: the same text as --max-tokens 60.
     expect(qalora([...base, '--max-tokens', '60']).stdout).toBe(readFileSync(fixture('golden/stories260K_prompt_once_n64.txt'), 'utf8'));
     expect(qalora([...base, '--max-tokens', '0']).stdout).toBe('Once upon a time\n');
+  });
+
+  it('--profile prints where a decoded token\'s time goes, per op, and the text is unchanged', needs(`${S}stories260K.bin`, 'golden/stories260K_prompt_once_n64.txt'), () => {
+    const args = ['generate', '--model', fixture(`${S}stories260K.bin`), '-t', '0', '--prompt', 'Once upon a time', '--max-tokens', '60', '--profile'];
+    const r = spawnSync(process.execPath, [join(repoRoot, 'bin/qalora.mjs'), ...args], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    expect(r.stdout).toBe(readFileSync(fixture('golden/stories260K_prompt_once_n64.txt'), 'utf8'));
+    // 59 decode steps (the 60th token needs no forward), each op's row, and the rows adding up to the token
+    expect(r.stderr).toMatch(/profile: 59 tokens, [0-9.]+ ms per token/);
+    const rows = Object.fromEntries([...r.stderr.matchAll(/^(.+?)\s+([0-9.]+)\s+([0-9.]+)%$/gm)].map((m) => [m[1], Number(m[3])]));
+    for (const op of ['q forward', 'down forward', 'attention forward', 'RMSNorm', 'classifier forward', 'JS glue', 'token']) expect(rows[op], op).toBeGreaterThan(0);
+    const shares = Object.entries(rows).filter(([k]) => k !== 'token').reduce((a, [, v]) => a + v, 0);
+    expect(shares).toBeGreaterThan(99);
+    expect(shares).toBeLessThan(101);
   });
 
   it('bad flags give a clear error', () => {

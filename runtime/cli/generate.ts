@@ -4,6 +4,7 @@ import { Option, type Command } from 'commander';
 import { QaloraError } from '../errors.ts';
 import { generate } from '../model/generate.ts';
 import { openModel } from '../model/open.ts';
+import { OpProfile } from '../model/profile.ts';
 import type { BackendName } from '../model/types.ts';
 import { activationsOption, requantizeOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
@@ -28,6 +29,7 @@ interface GenerateFlags {
   requantize?: boolean;
   activations: 'fp32' | 'int8';
   tables?: TableType;
+  profile?: boolean;
 }
 
 export function number(flag: string, text: string, integer = false): number {
@@ -59,12 +61,14 @@ export function register(program: Command): void {
     .addOption(requantizeOption())
     .addOption(activationsOption())
     .addOption(tablesOption())
+    .option('--profile', "time every op of each decoded token and print where a token's time goes (stderr)")
     .action(async (o: GenerateFlags) => {
       if (o.steps !== undefined && o.maxTokens !== undefined) throw new QaloraError('give -n or --max-tokens, not both');
       if (o.quantize === 'gptq') throw new QaloraError('generate quantizes with rtn; make a GPTQ base once with `qalora quantize --method gptq` and pass it as --model');
+      const profile = o.profile ? new OpProfile() : undefined;
       const { model, tokenizer, impliedSpec } = await openModel({
         model: o.model, tokenizer: o.tokenizer, spec: o.spec, adapter: o.adapter, backend: o.backend, quantize: o.quantize,
-        requantize: o.requantize, inferred: { rank: 0 }, activations: o.activations, tables: o.tables,
+        requantize: o.requantize, inferred: { rank: 0 }, activations: o.activations, tables: o.tables, profile,
       });
       announceImpliedSpec(impliedSpec);
       const out = process.stdout;
@@ -78,6 +82,7 @@ export function register(program: Command): void {
         repetitionPenalty: number('--repetition-penalty', o.repetitionPenalty),
         seed: o.seed === undefined ? undefined : number('--seed', o.seed, true),
         onText: (t) => out.write(t),
+        profile,
       });
       out.write('\n');
       const rate = (n: number, s: number) => (s > 0 ? (n / s).toFixed(1) : '-');
@@ -85,6 +90,7 @@ export function register(program: Command): void {
         `prefill: ${r.promptTokens} tokens, ${rate(r.promptTokens, r.prefillSeconds)} tok/s; ` +
           `decode: ${r.newTokens} tokens, ${rate(r.newTokens, r.decodeSeconds)} tok/s (${o.backend}, ${model.spec ? 'quantized' : 'float'}${o.activations === 'int8' ? ', int8 activations' : ''})\n`,
       );
+      if (profile) process.stderr.write(profile.table('token') + '\n');
       reportPeakMemory();
     });
 }

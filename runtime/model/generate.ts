@@ -5,6 +5,7 @@ import { Sampler, type SamplingOptions } from '../sampling.ts';
 import { StreamDecoder, type Tokenizer } from '../tokenizer/types.ts';
 import { QaloraError } from '../errors.ts';
 import type { LlamaModel } from './llama.ts';
+import type { OpProfile } from './profile.ts';
 
 export interface GenerateOptions extends SamplingOptions {
   prompt?: string;
@@ -14,6 +15,8 @@ export interface GenerateOptions extends SamplingOptions {
   maxTokens?: number;
   /** Called with each printable piece as soon as it is known. */
   onText?: (text: string) => void;
+  /** Times each decoded token's forward as one profile step (the model must have been created with it). */
+  profile?: OpProfile;
 }
 
 export interface GenerateResult {
@@ -64,7 +67,11 @@ export function generate(model: LlamaModel, tok: Tokenizer, o: GenerateOptions):
     emit(next);
     history.push(next);
     made++;
-    if (made < newLimit) logits = session.step(next);
+    if (made < newLimit) {
+      o.profile?.beginStep();
+      logits = session.step(next);
+      o.profile?.endStep();
+    }
   }
   const tail = decoder.flush();
   if (tail) {

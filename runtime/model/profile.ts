@@ -1,4 +1,5 @@
-// Where a training step's time goes, per op (`qalora train --profile`, bench/train.ts). The runner installs it
+// Where a training step's (or a decoded token's) time goes, per op (`qalora train --profile`, `qalora generate
+// --profile`, bench/train.ts). The runner installs it
 // only when asked — wrapping its core-ops table, its linear layers and its recompute — so an unprofiled run calls
 // the native ops directly. Time is counted once, by the outermost timed section: a projection's forward includes
 // its fp16 casts, and everything the per-block recompute runs in backward is "recompute". Only the time between
@@ -97,16 +98,16 @@ export class OpProfile {
     return { steps: this.steps, msPerStep: step, rows: rows.map((r) => ({ ...r, percent: step > 0 ? (100 * r.msPerStep) / step : 0 })) };
   }
 
-  /** The report as an aligned text table (ms per step, % of the step). */
-  table(): string {
+  /** The report as an aligned text table (ms per step, % of the step); `unit` names a step ('token' for decode). */
+  table(unit = 'step'): string {
     const r = this.report();
     const w = Math.max(...r.rows.map((x) => x.name.length), 4);
     const line = (name: string, ms: number, pct: number) => `${name.padEnd(w)}  ${ms.toFixed(2).padStart(10)}  ${pct.toFixed(1).padStart(5)}%`;
     return [
-      `profile: ${r.steps} step${r.steps === 1 ? '' : 's'}, ${r.msPerStep.toFixed(1)} ms per step`,
-      `${'op'.padEnd(w)}  ${'ms/step'.padStart(10)}  ${'share'.padStart(6)}`,
+      `profile: ${r.steps} ${unit}${r.steps === 1 ? '' : 's'}, ${r.msPerStep.toFixed(1)} ms per ${unit}`,
+      `${'op'.padEnd(w)}  ${`ms/${unit}`.padStart(10)}  ${'share'.padStart(6)}`,
       ...r.rows.map((x) => line(x.name, x.msPerStep, x.percent)),
-      line('step', r.msPerStep, 100),
+      line(unit, r.msPerStep, 100),
     ].join('\n');
   }
 }
