@@ -44,7 +44,6 @@ export interface ModelDef {
 }
 
 export interface TablesDef {
-  loc: Loc;
   embedding?: Setting<TableType> | null;
   classifier?: Setting<TableType> | null;
 }
@@ -206,7 +205,7 @@ function readSpec(r: Reporter, item: AstItem): SpecDef {
 }
 
 function readTables(r: Reporter, item: AstItem): TablesDef {
-  const def: TablesDef = { loc: item.keyLoc };
+  const def: TablesDef = {};
   const types = `one of ${TABLE_TYPES.join(', ')}`;
   if (item.values.length > 0) {
     if (item.block) r.error(item.block.open, '`tables` takes one type for both tables or a `{ … }` block, not both', 'e.g. `tables fp16` or `tables { embedding q8_0  classifier fp16 }`');

@@ -1,9 +1,9 @@
 // ggml's reference quantizers for the block types a QA-LoRA base holds exactly (Q4_0, Q4_1, Q8_0), written from
 // the block definitions (notes §2) as llama.cpp's quantize_row_*_ref compute them: fp32 arithmetic, the scale
 // stored as fp16 after q is computed against the unrounded one, every operation rounded to fp32 on its own (the
-// library node-llama-cpp ships does not fuse `x·id + 8.5` into one multiply-add: test/tables.test.ts checks
-// these bytes against it, on blocks where fusing would change a nibble). A spec's `tables q8_0` quantizes the token tables
-// with these, so a GGUF export writes the same blocks llama.cpp's own tool would; tests use them to make
+// library node-llama-cpp ships does not fuse `x·id + 8.5` into one multiply-add). test/tables.test.ts checks these
+// bytes against that library, on blocks where fusing would change a nibble. A spec's `tables q8_0` quantizes the
+// token tables with these, so a GGUF export writes the blocks llama.cpp's own tool would; tests use them to make
 // Q4_0/Q4_1/Q8_0 files of a real model.
 import { QaloraError } from '../errors.ts';
 import { f32ToF16Bits } from '../safetensors.ts';
