@@ -103,7 +103,7 @@ void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_
   // Independent accumulators (P per row) so consecutive blocks' multiply-adds do not wait on each other; the
   // accumulators are named by constants below so that they stay in registers.
   constexpr int P = RR == 1 ? 4 : RR == 2 ? 2 : 1;
-  const int64_t blocks = xq.blocks, per_group = w.group / 32, m = xq.rows;
+  const int64_t blocks = xq.blocks, m = xq.rows;
   const uint32_t* row = w.row(o);
   const S* alpha = w.alpha + o * w.groups;
   const int8_t* x = xq.q.data() + m0 * 32;  // block 0 of row m0; block b is m·32 bytes further
@@ -118,16 +118,9 @@ void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_
   auto at = [&](int64_t b, float ab, f8 (&acc_p)[RR]) {
     int8_block<BITS, RR>(row + b * BITS, x + b * m * 32, d + b * m, xs + b * m, ab, acc_p, corr);
   };
-  // α of each block in turn (a group may span several), counted without a division
-  int64_t k = 0, left = per_group;
-  auto next_alpha = [&] {
-    const float v = scale_f32(alpha[k]);
-    if (--left == 0) {
-      k++;
-      left = per_group;
-    }
-    return v;
-  };
+  // α of each block in turn (a group may span several)
+  BlockGroups groups(w.group);
+  auto next_alpha = [&] { return scale_f32(alpha[groups.next()]); };
   int64_t b = 0;
   float ab[8];
   for (; b + 8 <= blocks; b += 8) {

@@ -34,7 +34,7 @@ void gemv_rows_q4(const QuantView<S>& w, int64_t o, int64_t m0, const float* xt,
   constexpr int P = RR <= 2 ? 2 : 1;
   const uint32_t* row = w.row(o);
   const S* alpha = w.alpha + o * w.groups;
-  const int64_t blocks = in / 32, spans = blocks / 2, blocks_per_group = w.group / 32;
+  const int64_t blocks = in / 32, spans = blocks / 2;
   const float* x[RR];
   for (int r = 0; r < RR; r++) x[r] = xt + (m0 + r) * in;
   if (m0 == 0) {  // α and β of a row 4 ahead: streams of their own, read once per row, that q's prefetch misses
@@ -46,20 +46,13 @@ void gemv_rows_q4(const QuantView<S>& w, int64_t o, int64_t m0, const float* xt,
   }
   f8 acc[RR];
   for (int r = 0; r < RR; r++) acc[r] = f8_zero();
-  // fp32 α of groups [first, first + 8), refilled as the blocks move on; g counts blocks into its group
+  // fp32 α of groups [first, first + 8), refilled as the blocks move on
   alignas(32) float ab[8];
-  int64_t first = -8, g = 0, left = blocks_per_group;
-  auto next_group = [&] {
-    const int64_t cur = g;
-    if (--left == 0) {
-      g++;
-      left = blocks_per_group;
-    }
-    return cur;
-  };
+  int64_t first = -8;
+  BlockGroups groups(w.group);
   for (int64_t p = 0; p < spans; p++) {
     if ((p & 1) == 0) prefetch(row + 8 * p + kPrefetchWords);
-    const int64_t g0 = next_group(), g1 = next_group();
+    const int64_t g0 = groups.next(), g1 = groups.next();
     if (g1 >= first + 8) {
       first = g0;
       if (w.groups - first >= 8) f8_store(ab, f8_scales(alpha + first));
@@ -92,7 +85,7 @@ void gemv_rows_q4(const QuantView<S>& w, int64_t o, int64_t m0, const float* xt,
   for (int r = 0; r < RR; r++) res[r] = f8_sum(acc[r]);
   if (blocks % 2) {  // the odd last block, in input order
     const int64_t i = 64 * spans;
-    const float ak = scale_f32(alpha[next_group()]);
+    const float ak = scale_f32(alpha[groups.next()]);
     f8 q[4];
     unpack_block<4>(row + 8 * spans, q);
     for (int r = 0; r < RR; r++) {

@@ -246,16 +246,23 @@ struct QuantLayer {
   template <int RR>
   static void gemv_rows(const LayerArgs& a, const View& w, int64_t o, int64_t m0, const float* xf,
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
+    float res[RR], offset[RR];
+    for (int r = 0; r < RR; r++) offset[r] = row_offset(w, o, m0 + r, sums);
+    if constexpr (FAST && BITS == 4) gemv_rows_q4<S, RR>(w, o, m0, xf, a.in, res);
+    else gemv_dots<RR>(w, o, xf + m0 * a.in, a.in, res);
+    for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], offset[r], hs, y);
+  }
+
+  /// res[r] = Σ_groups α·(q·x_r) of row o for RR rows of x in input order, a block at a time (the widths
+  /// gemv_q4.h does not take).
+  template <int RR>
+  static void gemv_dots(const View& w, int64_t o, const float* x0, int64_t in, float (&res)[RR]) {
     const int64_t group = w.group, groups = w.groups;
     const S* alpha = w.alpha + o * groups;  // read once per group; fp16 widened with F16C (scale_f32)
     const uint32_t* row = w.row(o);
     const float* x[RR];
-    for (int r = 0; r < RR; r++) x[r] = xf + (m0 + r) * a.in;
-    float res[RR], offset[RR];
-    for (int r = 0; r < RR; r++) offset[r] = row_offset(w, o, m0 + r, sums);
-    if constexpr (FAST && BITS == 4) {
-      gemv_rows_q4<S, RR>(w, o, m0, xf, a.in, res);
-    } else if constexpr (FAST) {
+    for (int r = 0; r < RR; r++) x[r] = x0 + r * in;
+    if constexpr (FAST) {
       // Independent partial dots per row (4 for one or two rows, 2 for more) so the FMAs do not wait on
       // each other; 8 accumulators plus the block's 4 q vectors stay in the 16 AVX registers.
       constexpr int P = RR <= 2 ? 4 : 2;
@@ -293,7 +300,6 @@ struct QuantLayer {
         for (int r = 0; r < RR; r++) res[r] += ak * dot[r];
       }
     }
-    for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], offset[r], hs, y);
   }
 
   // ---- backward -------------------------------------------------------------------------------------------

@@ -103,18 +103,30 @@ inline float dequant_one(const QuantView<S>& w, int64_t o, int64_t i) {
   return w.a(g) * (float)unpack_q(w.row(o), i, BITS) + w.b(g);
 }
 
-/// Walks the 32-blocks of [i0, i0 + n) of a row (i0 a multiple of 32), calling body(i, group of i) without a
-/// division per block.
+/// The group of each 32-block of a row in turn, from block b0 on, counted without a division per block (FAST
+/// layouts: the group a multiple of 32, so a group spans whole blocks).
+class BlockGroups {
+ public:
+  explicit BlockGroups(int64_t group, int64_t b0 = 0) : per_(group / 32), g_(b0 / per_), left_(per_ - b0 % per_) {}
+  /// The group of the next block.
+  int64_t next() {
+    const int64_t g = g_;
+    if (--left_ == 0) {
+      g_++;
+      left_ = per_;
+    }
+    return g;
+  }
+
+ private:
+  int64_t per_, g_, left_;
+};
+
+/// Walks the 32-blocks of [i0, i0 + n) of a row (i0 a multiple of 32), calling body(i, group of i).
 template <class S, class Body>
 inline void for_each_block(const QuantView<S>& w, int64_t i0, int64_t n, Body&& body) {
-  int64_t g = i0 / w.group, next = (g + 1) * w.group;
-  for (int64_t i = i0; i < i0 + n; i += 32) {
-    if (i >= next) {
-      g++;
-      next += w.group;
-    }
-    body(i, g);
-  }
+  BlockGroups groups(w.group, i0 / 32);
+  for (int64_t i = i0; i < i0 + n; i += 32) body(i, groups.next());
 }
 
 /// Forward: B(k, n) = Ŵ[n, k], so each output row o fills one column of a [kc][NR] slice.
