@@ -1,18 +1,21 @@
 // The fp32 GEMV for 4-bit weights (the common case: GGUF Q4_0/Q4_1 bases, `bits 4` specs), groups of whole
-// 32-blocks. One load takes eight q words — two blocks, 64 inputs —, and nibble j of every lane (a shift by 4j
-// and a mask) is one vector whose lane l is input 8l + j. x is read in that order: each 64-input span of x is
-// transposed 8×8 once per call (transpose_spans), shared by every output row. So there is no broadcast per
-// 8 inputs (3 operations per 8 weights, not 4), and the two blocks' products share a vector that is scaled by
-// their groups' α lane-wise (4 + 4 lanes). The other bit widths keep layer.h's block-at-a-time GEMV.
+// 32-blocks. One load takes eight q words — two blocks, 64 inputs —, and nibble j of every lane is one vector
+// whose lane l is input 8l + j. x is read in that order: each 64-input span of x is transposed 8×8 once per call
+// (transpose_spans), shared by every output row. Nibble j is not shifted down: the mask leaves q·2^(4j), which
+// converts exactly, and transpose_spans scales x's row j by 2^(−4j) to match, so q·x rounds the same (powers of
+// two commute with rounding; exact for |x| above 2^−102). An 8-weight vector costs a mask and a convert (the top
+// nibble: a shift and a convert), and the two blocks' products share a vector that is scaled by their groups' α
+// lane-wise (4 + 4 lanes). The other bit widths keep layer.h's block-at-a-time GEMV.
 #ifndef QL_ISA_NS
 #error "include through kernels_impl.h"
 #endif
 
 namespace qalora::cpu_isa::QL_ISA_NS {
 
-/// Rows of x with each whole 64-input span transposed 8×8 (xt[64p + 8j + l] = x[64p + 8l + j]); a trailing
-/// 32-block stays in input order.
+/// Rows of x with each whole 64-input span transposed 8×8 and row j scaled by 2^(−4j) for j < 7
+/// (xt[64p + 8j + l] = x[64p + 8l + j]·2^(−4j)); a trailing 32-block stays in input order.
 inline std::vector<float> transpose_spans(const float* x, int64_t m, int64_t in) {
+  static constexpr float kUnshift[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f};
   std::vector<float> xt((size_t)(m * in));
   const int64_t spans = in / 64;
   for (int64_t r = 0; r < m; r++) {
@@ -20,7 +23,7 @@ inline std::vector<float> transpose_spans(const float* x, int64_t m, int64_t in)
     float* dst = xt.data() + r * in;
     for (int64_t p = 0; p < spans; p++)
       for (int j = 0; j < 8; j++)
-        for (int l = 0; l < 8; l++) dst[64 * p + 8 * j + l] = src[64 * p + 8 * l + j];
+        for (int l = 0; l < 8; l++) dst[64 * p + 8 * j + l] = src[64 * p + 8 * l + j] * kUnshift[j];
     std::copy(src + 64 * spans, src + in, dst + 64 * spans);
   }
   return xt;
@@ -62,10 +65,8 @@ void gemv_rows_q4(const QuantView<S>& w, int64_t o, int64_t m0, const float* xt,
     f8 t[P][RR];
     auto lane = [&](auto j_) {
       constexpr int j = decltype(j_)::value;
-      u8v n = v;
-      if constexpr (j > 0) n = u8_shr_imm<4 * j>(n);
-      if constexpr (j < 7) n = u8_and(n, 15u);
-      const f8 q = u8_to_f8(n);
+      // q·2^(4j) in place (an int32 below 2^28: exact as a float); the top nibble is shifted, its bit 31 would sign it
+      const f8 q = u8_to_f8(j < 7 ? u8_and(v, 15u << (4 * j)) : u8_shr_imm<28>(v));
       for (int r = 0; r < RR; r++) {
         const f8 xv = f8_load(x[r] + 64 * p + 8 * j);
         t[j % P][r] = j < P ? f8_mul(q, xv) : f8_fma(q, xv, t[j % P][r]);
