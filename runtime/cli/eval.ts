@@ -9,7 +9,6 @@ import { dataTokenizerFor, defaultSeqLen, openForRun, prepareData, tokenizerSour
 import type { Tokenizer } from '../tokenizer/types.ts';
 import { requantizeOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
-
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 export interface EvalOptions {

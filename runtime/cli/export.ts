@@ -9,7 +9,6 @@ import { exportLora, LORA_FORMATS, type LoraFormat } from '../export/lora.ts';
 import { openForRun, tokenizerSource } from '../train/setup.ts';
 import { requantizeOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
-
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 const FORMATS = [...EXPORT_FORMATS, ...LORA_FORMATS];

@@ -8,7 +8,6 @@ import { OpProfile } from '../model/profile.ts';
 import type { BackendName } from '../model/types.ts';
 import { activationsOption, requantizeOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
-
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 
 interface GenerateFlags {

@@ -12,7 +12,6 @@ import { loadNativeOps } from '../model/native-ops.ts';
 import { META_SPEC, META_TOKENIZER, openForRun, tokenizerSource } from '../train/setup.ts';
 import { requantizeOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
-
 import { announceImpliedSpec, reportPeakMemory } from './report.ts';
 import { detectFormat } from '../formats/load.ts';
 

@@ -11,7 +11,6 @@ import { Progress } from '../progress.ts';
 import { number } from './generate.ts';
 import { requantizeOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
-
 import { reportPeakMemory } from './report.ts';
 
 interface QuantizeFlags {

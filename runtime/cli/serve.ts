@@ -7,7 +7,6 @@ import { createQaloraServer } from '../serve/load.ts';
 import { number } from './generate.ts';
 import { activationsOption, tablesOption } from './options.ts';
 import type { TableType } from '../../dsl/resolved.ts';
-
 import { reportPeakMemory } from './report.ts';
 
 interface ServeFlags {
