@@ -29,15 +29,18 @@ export function specHash(spec: ResolvedSpec): string {
   return createHash('sha256').update(canonicalJson(content)).update('\0' + compilerVersion).digest('hex');
 }
 
-// 2 AVX2 cores with 1 MB L2 each: a KC×NC packed weight panel of ~256×256 fp32 (256 KB) stays in L2 and an
-// MC×KC block of x (64 KB) in L1/L2. KC is a whole number of groups so α, β and the pooled sums of a group
+// 2 AVX2 cores with 512 KB L2 each: a KC×NC packed weight panel of 512×256 fp32 streams through L2 while a
+// 16-column slice of it (32 KB) is reused from L1 by every MR rows of an MC×KC block of x (144 KB). KC = 512
+// rather than 256 makes a LLaMA-small projection (in 512) one panel deep, so C is written once instead of
+// read and written again: measured 10–13% faster on 1024×512→1376 and the 32000-row classifier (min of 25,
+// this machine), even on 512→512. KC is a whole number of groups so α, β and the pooled sums of a group
 // never straddle two panels.
 function cpuConfig(k: SpecializationKey): CpuConfig {
-  const targetKc = 256;
+  const targetKc = 512;
   const kc = k.group <= targetKc ? Math.floor(targetKc / k.group) * k.group : k.group;
   // Up to 16 rows (a server's decode batch) take the GEMV: it reads each weight once for all of them, where the
   // GEMM would dequantize a panel that few rows cannot amortize.
-  return { mc: 64, nc: 256, kc, gemvMaxRows: 16, fastPath: k.group % 32 === 0 };
+  return { mc: 72, nc: 256, kc, gemvMaxRows: 16, fastPath: k.group % 32 === 0 };
 }
 
 /** Dynamic shared memory the tiled GEMM is launched with in one orientation (y: W rows are output features; dx:

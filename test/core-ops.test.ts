@@ -83,6 +83,21 @@ function refRope(x: Float64Array, pos: Int32Array, rows: number, heads: number, 
 }
 
 interface AttnShape { batch: number; tq: number; tk: number; heads: number; kvHeads: number; hd: number }
+/** softmax over keys u ≤ t + tk − tq of q·k/√hd: query t of head h (kv head kh) in batch b. */
+function refProbs(q: Float64Array, k: Float64Array, s: AttnShape, b: number, h: number, kh: number, t: number): number[] {
+  const { tq, tk, heads, kvHeads, hd } = s;
+  const sc: number[] = [];
+  for (let u = 0; u <= t + tk - tq; u++) {
+    let d = 0;
+    for (let i = 0; i < hd; i++) d += q[((b * tq + t) * heads + h) * hd + i] * k[((b * tk + u) * kvHeads + kh) * hd + i];
+    sc.push(d / Math.sqrt(hd));
+  }
+  const mx = Math.max(...sc);
+  const e = sc.map((z) => Math.exp(z - mx));
+  const sum = e.reduce((a, z) => a + z, 0);
+  return e.map((z) => z / sum);
+}
+
 function refAttention(q: Float64Array, k: Float64Array, v: Float64Array, s: AttnShape): Float64Array {
   const { batch, tq, tk, heads, kvHeads, hd } = s;
   const out = new Float64Array(batch * tq * heads * hd);
@@ -90,21 +105,42 @@ function refAttention(q: Float64Array, k: Float64Array, v: Float64Array, s: Attn
     for (let h = 0; h < heads; h++) {
       const kh = Math.floor(h / (heads / kvHeads));
       for (let t = 0; t < tq; t++) {
-        const last = t + tk - tq;
-        const sc: number[] = [];
-        for (let u = 0; u <= last; u++) {
-          let d = 0;
-          for (let i = 0; i < hd; i++) d += q[((b * tq + t) * heads + h) * hd + i] * k[((b * tk + u) * kvHeads + kh) * hd + i];
-          sc.push(d / Math.sqrt(hd));
-        }
-        const mx = Math.max(...sc);
-        const e = sc.map((z) => Math.exp(z - mx));
-        const sum = e.reduce((a, z) => a + z, 0);
-        for (let u = 0; u <= last; u++)
-          for (let i = 0; i < hd; i++) out[((b * tq + t) * heads + h) * hd + i] += (e[u] / sum) * v[((b * tk + u) * kvHeads + kh) * hd + i];
+        const p = refProbs(q, k, s, b, h, kh, t);
+        for (let u = 0; u < p.length; u++)
+          for (let i = 0; i < hd; i++) out[((b * tq + t) * heads + h) * hd + i] += p[u] * v[((b * tk + u) * kvHeads + kh) * hd + i];
       }
     }
   return out;
+}
+
+/** d(out·dout)/d{q, k, v} of refAttention, written out (P = softmax(S), dS = P∘(dP − rowsum(dP∘P))). */
+function refAttentionBackward(q: Float64Array, k: Float64Array, v: Float64Array, dout: ArrayLike<number>, s: AttnShape): { dq: Float64Array; dk: Float64Array; dv: Float64Array } {
+  const { batch, tq, tk, heads, kvHeads, hd } = s;
+  const dq = new Float64Array(q.length), dk = new Float64Array(k.length), dv = new Float64Array(v.length);
+  const qi = (b: number, t: number, h: number) => ((b * tq + t) * heads + h) * hd;
+  const ki = (b: number, u: number, h: number) => ((b * tk + u) * kvHeads + h) * hd;
+  for (let b = 0; b < batch; b++)
+    for (let h = 0; h < heads; h++) {
+      const kh = Math.floor(h / (heads / kvHeads));
+      for (let t = 0; t < tq; t++) {
+        const p = refProbs(q, k, s, b, h, kh, t);
+        const dp = p.map((_, u) => {
+          let d = 0;
+          for (let i = 0; i < hd; i++) d += dout[qi(b, t, h) + i] * v[ki(b, u, kh) + i];
+          return d;
+        });
+        const D = p.reduce((a, pu, u) => a + pu * dp[u], 0);
+        for (let u = 0; u < p.length; u++) {
+          const ds = (p[u] * (dp[u] - D)) / Math.sqrt(hd);
+          for (let i = 0; i < hd; i++) {
+            dv[ki(b, u, kh) + i] += p[u] * dout[qi(b, t, h) + i];
+            dq[qi(b, t, h) + i] += ds * k[ki(b, u, kh) + i];
+            dk[ki(b, u, kh) + i] += ds * q[qi(b, t, h) + i];
+          }
+        }
+      }
+    }
+  return { dq, dk, dv };
 }
 
 const silu = (g: number) => g / (1 + Math.exp(-g));
@@ -210,6 +246,34 @@ describe('core ops', () => {
       expect(maxAbsDiff(dq, numericGrad((x) => refAttention(x, K, V, s), Q, dout)), label).toBeLessThan(2e-5);
       expect(maxAbsDiff(dk, numericGrad((x) => refAttention(Q, x, V, s), K, dout)), label).toBeLessThan(2e-5);
       expect(maxAbsDiff(dv, numericGrad((x) => refAttention(Q, K, x, s), V, dout)), label).toBeLessThan(2e-5);
+      // The written-out reference backward used below is the finite differences' gradient too.
+      const ref = refAttentionBackward(Q, K, V, dout, s);
+      expect(maxAbsDiff(ref.dq, numericGrad((x) => refAttention(x, K, V, s), Q, dout)), label).toBeLessThan(1e-6);
+      expect(maxAbsDiff(ref.dk, numericGrad((x) => refAttention(Q, x, V, s), K, dout)), label).toBeLessThan(1e-6);
+    }
+  });
+
+  it('causal GQA attention in query blocks (prefill and training sizes): forward and backward against the float64 reference', () => {
+    // tq ≥ 8 and head_dim a multiple of 8 take the blocked kernels: partial blocks of 32 query rows, key counts
+    // that are not a multiple of 8, head sizes of one and a half 16-wide tiles, a cached prefix, GQA.
+    for (const s of [
+      { batch: 2, tq: 40, tk: 40, heads: 4, kvHeads: 2, hd: 16 },
+      { batch: 1, tq: 19, tk: 45, heads: 2, kvHeads: 1, hd: 24 },
+      { batch: 1, tq: 70, tk: 70, heads: 2, kvHeads: 2, hd: 64 },
+      { batch: 3, tq: 8, tk: 8, heads: 2, kvHeads: 1, hd: 8 },
+    ] satisfies AttnShape[]) {
+      const nq = s.batch * s.tq * s.heads * s.hd, nk = s.batch * s.tk * s.kvHeads * s.hd;
+      const q = rand(nq, 60, 0.6), k = rand(nk, 61, 0.6), v = rand(nk, 62), dout = rand(nq, 63);
+      const out = new Float32Array(nq), lse = new Float32Array(s.batch * s.tq * s.heads);
+      core.attention_forward(q, k, v, out, lse, s.batch, s.tq, s.tk, s.heads, s.kvHeads, s.hd);
+      const label = JSON.stringify(s);
+      expect(maxAbsDiff(out, refAttention(f64(q), f64(k), f64(v), s)), label).toBeLessThan(1e-5);
+      const dq = new Float32Array(nq), dk = new Float32Array(nk).fill(7), dv = new Float32Array(nk).fill(7);
+      core.attention_backward(q, k, v, out, lse, dout, dq, dk, dv, s.batch, s.tq, s.tk, s.heads, s.kvHeads, s.hd);
+      const ref = refAttentionBackward(f64(q), f64(k), f64(v), dout, s);
+      expect(maxAbsDiff(dq, ref.dq), `${label} dq`).toBeLessThan(2e-5);
+      expect(maxAbsDiff(dk, ref.dk), `${label} dk`).toBeLessThan(2e-5);
+      expect(maxAbsDiff(dv, ref.dv), `${label} dv`).toBeLessThan(2e-5);
     }
   });
 
@@ -222,6 +286,18 @@ describe('core ops', () => {
     const G = f64(gate), U = f64(up);
     expect(maxAbsDiff(dg, numericGrad((x) => x.map((g, i) => silu(g) * U[i]), G, dout))).toBeLessThan(1e-5);
     expect(maxAbsDiff(du, numericGrad((x) => x.map((u, i) => silu(G[i]) * u), U, dout))).toBeLessThan(1e-5);
+    // Gates far out on both sides (the vector e^x clamps its input): σ saturates to 0 and 1 without NaN or inf.
+    const wide = Float32Array.from(rand(n, 43, 120), (g, i) => (i === 0 ? -1e30 : i === 1 ? 1e30 : g));
+    core.swiglu_forward(wide, up, out, n);
+    core.swiglu_backward(wide, up, dout, dg, du, n);
+    const rel = (a: number, b: number) => Math.abs(a - b) / (1e-30 + Math.abs(b));
+    for (let i = 2; i < n; i++) {
+      const g = wide[i], sg = 1 / (1 + Math.exp(-g));
+      expect(rel(out[i], g * sg * up[i]), `silu(${g})`).toBeLessThan(1e-5);
+      expect(rel(du[i], dout[i] * g * sg), `d/dup at ${g}`).toBeLessThan(1e-5);
+    }
+    expect([out[0], out[1], du[0], dg[0], dg[1]].every(Number.isFinite)).toBe(true);
+    expect(out[1]).toBeCloseTo(1e30 * up[1], -25);
   });
 
   it('softmax cross-entropy with ignored rows, forward and backward', () => {

@@ -1,13 +1,14 @@
 // Backward to the adapters: d(loss)/dA and d(loss)/dB of every adapter against central finite differences of
 // the model's own loss, on a small random LLaMA whose projections use different pools, ranks, groups (one
 // layer without an adapter), with GQA and a masked target; then with adapter dropout in training mode (the
-// recomputed forward must drop the same values). Also: sessions (prefill, step, stepBatch) agree with the
+// recomputed forward must drop the same values); gradient checkpointing on and off agree bit for bit. Also: sessions (prefill, step, stepBatch) agree with the
 // full causal forward.
 import { describe, expect, it } from 'vitest';
 import { PROJECTIONS, type ResolvedLayer, type ResolvedSpec } from '../dsl/resolved.ts';
 import { LlamaModel } from '../runtime/model/llama.ts';
 import type { BackendName, BlockWeights, Linear, LlamaConfig, LlamaWeights, ProjectionName } from '../runtime/model/types.ts';
 import { uniformStream } from '../runtime/random.ts';
+import { OpProfile } from '../runtime/model/profile.ts';
 
 const rng = uniformStream;
 
@@ -156,6 +157,37 @@ describe('adapter gradients match finite differences', () => {
       }
     });
   });
+});
+
+describe('gradient checkpointing', () => {
+  // Keeping each block's activations ('off') or recomputing them in backward ('on') runs the same kernels on the
+  // same values: loss and gradients agree bit for bit, with dropout acting (the recompute must redraw it).
+  for (const backend of ['cpu', 'emu'] as const) {
+    it(`on, off and auto give the same loss and gradients bit for bit (${backend}, training with dropout)`, async () => {
+      const weights = randomWeights(CONFIG, 13);
+      const r = rng(31);
+      const tokens = Int32Array.from({ length: 12 }, () => Math.floor(r() * CONFIG.vocab));
+      const targets = Int32Array.from(tokens, (t) => (t + 3) % CONFIG.vocab);
+      const results = [];
+      for (const checkpointing of ['on', 'off', 'auto'] as const) {
+        const profile = new OpProfile();
+        const model = await LlamaModel.create(weights, { backend, spec: smallSpec(CONFIG, DROPOUT, backend), seed: 3, checkpointing, profile });
+        const init = rng(41);
+        for (const set of model.adapters) for (const ad of Object.values(set)) for (const t of [ad!.a, ad!.b]) for (let i = 0; i < t.length; i++) t[i] = (2 * init() - 1) * 0.4;
+        profile.beginStep();
+        const g = model.lossAndGrad(tokens, targets, 2, 6, { training: true, seed: 5 });
+        profile.endStep();
+        const recomputed = profile.report().rows.some((row) => row.name === 'recompute');
+        expect(recomputed, `checkpointing ${checkpointing} recomputes`).toBe(checkpointing === 'on');
+        results.push({ loss: g.loss, flat: g.grads.flatMap((set) => Object.values(set).flatMap((x) => [...x!.a, ...x!.b])) });
+      }
+      expect(results[0].flat.length).toBeGreaterThan(100);
+      for (const other of results.slice(1)) {
+        expect(other.loss).toBe(results[0].loss);
+        expect(other.flat).toEqual(results[0].flat);
+      }
+    });
+  }
 });
 
 describe('fp16 and bf16 activations', () => {

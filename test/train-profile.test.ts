@@ -18,10 +18,10 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const data = shakespeareSlice(dir);
 const STEPS = 4;
 
-async function run(out: string, profile?: OpProfile) {
+async function run(out: string, profile?: OpProfile, gradientCheckpointing = 'on') {
   const c = resolveTrainConfig({}, {
     model: fixture(STORIES), tokenizer: fixture(TOK), spec: join(repoRoot, 'specs/stories260k.qal'), data, out: join(dir, out),
-    maxSteps: STEPS, seqLen: 64, batchSize: 4, evalEvery: 0, valFraction: 0, saveEvery: 0, quiet: true, seed: 3,
+    maxSteps: STEPS, seqLen: 64, batchSize: 4, evalEvery: 0, valFraction: 0, saveEvery: 0, quiet: true, seed: 3, gradientCheckpointing,
   });
   const lines: string[] = [];
   const s = await runTraining(c, (l) => lines.push(l), null, profile);
@@ -58,6 +58,12 @@ describe('train --profile', () => {
     expect(profiled.text).toMatch(/^recompute\s+[\d.]+\s+[\d.]+%$/m);
     expect(profiled.text).toMatch(/^step\s+[\d.]+\s+100\.0%$/m);
     expect(plain.text).not.toMatch(/^profile:/m);
+
+    // --gradient-checkpointing off keeps the forward's activations: no recompute row, the same losses.
+    const kept = await run('kept', new OpProfile(), 'off');
+    expect(kept.s.result.losses).toEqual(plain.s.result.losses);
+    expect(kept.text).not.toMatch(/^recompute\s/m);
+    expect(kept.text).toMatch(/^attention backward\s/m);
   }, 600_000);
 
   it('leaves an unprofiled model calling the native ops directly', async () => {

@@ -21,6 +21,7 @@ const FLAG_KEYS: Record<string, keyof TrainConfig> = {
   epochs: 'epochs', seqLen: 'seqLen', valFraction: 'valFraction', evalEvery: 'evalEvery', evalWindows: 'evalWindows',
   saveEvery: 'saveEvery', seed: 'seed', maxGradNorm: 'maxGradNorm', weightDecay: 'weightDecay', dropout: 'dropout',
   backend: 'backend', resume: 'resume', quiet: 'quiet', requantize: 'requantize', tables: 'tables',
+  gradientCheckpointing: 'gradientCheckpointing',
 };
 
 export function withDropout(spec: ResolvedSpec, dropout: number | undefined): ResolvedSpec {
@@ -47,7 +48,7 @@ export async function runTraining(c: TrainConfig, log: (s: string) => void = (s)
   const given = c.spec ? withDropout(loadSpecOrFail(c.spec), c.dropout) : undefined;
   const opened = await openForRun({
     model: c.model, tokenizer: c.tokenizer, spec: given, backend: c.backend, seed: c.seed, requantize: c.requantize, tables: c.tables,
-    inferred: c.dropout === undefined ? undefined : { dropout: c.dropout }, profile,
+    checkpointing: c.gradientCheckpointing, inferred: c.dropout === undefined ? undefined : { dropout: c.dropout }, profile,
   });
   const { model, tokenizer } = opened;
   const spec = model.spec;
@@ -118,6 +119,7 @@ export function register(program: Command): void {
     .option('--weight-decay <x>', 'AdamW weight decay (default 0)')
     .option('--dropout <p>', "override the spec's LoRA dropout")
     .option('--backend <name>', 'cpu (default) | cuda | emu')
+    .option('--gradient-checkpointing <mode>', "auto (default): keep every block's activations for backward when they fit half the free memory, else recompute each block | on: always recompute (least memory) | off: always keep")
     .addOption(requantizeOption())
     .addOption(tablesOption())
     .option('--quiet', 'no progress bar')

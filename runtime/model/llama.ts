@@ -7,7 +7,7 @@
 import type { QaloraSettings, ResolvedSpec, TableType } from '../../dsl/resolved.ts';
 import type { AdapterSet, BackendName, LlamaConfig, LlamaWeights, LoadedLinear } from './types.ts';
 import { QaloraError } from '../errors.ts';
-import { Runner, type ActivationMode, type RunnerOptions } from './runner.ts';
+import { Runner, type ActivationMode, type Checkpointing, type RunnerOptions } from './runner.ts';
 import { KvSession } from './session.ts';
 import { prepareWeights, type CalibrationSource } from './prepare.ts';
 import type { OpProfile } from './profile.ts';
@@ -48,6 +48,8 @@ export interface CreateOptions {
   activations?: ActivationMode;
   /** The token tables' type for both (`--tables`), over the spec's `tables`; absent: the spec's, else the file's. */
   tables?: TableType;
+  /** Training's activation checkpointing (`train --gradient-checkpointing`); default 'auto'. */
+  checkpointing?: Checkpointing;
 }
 
 export interface LossOptions {
@@ -124,7 +126,7 @@ export class LlamaModel {
   static async create(weights: LlamaWeights<LoadedLinear>, opts: CreateOptions): Promise<LlamaModel> {
     checkActivations(opts.activations ?? 'fp32', opts.backend); // before the (possibly long) preparation
     const prepared = await prepareWeights(weights, opts);
-    const runnerOpts: RunnerOptions = { backend: opts.backend, profile: opts.profile, activations: opts.activations };
+    const runnerOpts: RunnerOptions = { backend: opts.backend, profile: opts.profile, activations: opts.activations, checkpointing: opts.checkpointing };
     const runner = new Runner(prepared.weights, prepared.native, runnerOpts);
     return new LlamaModel(prepared.weights, prepared.adapters, runner, prepared.spec, opts.backend);
   }

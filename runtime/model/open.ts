@@ -30,6 +30,7 @@ export interface OpenOptions {
   profile?: CreateOptions['profile'];
   activations?: CreateOptions['activations'];
   tables?: CreateOptions['tables'];
+  checkpointing?: CreateOptions['checkpointing'];
 }
 
 export interface OpenedModel {
@@ -72,6 +73,7 @@ export async function openModel(o: OpenOptions): Promise<OpenedModel> {
   const model = await LlamaModel.create(weights, {
     backend, spec, adapters, quantize: o.quantize, calib, seed: o.seed, onProgress: o.onProgress, inferred: o.inferred, requantize: o.requantize,
     profile: o.profile, activations: o.activations, tables: o.tables,
+    checkpointing: o.checkpointing,
   });
   if (o.adapter) {
     const { openAdapterFor } = await import('../adapters/open.ts');

@@ -1,12 +1,14 @@
 // Runs the network natively, op by op: the forward pass shared by training and generation (attention is the
-// only part that differs, passed in as a callback), and backward to the adapters. Backward keeps only each
-// block's input and recomputes the block's activations when it reaches it (activation checkpointing per
-// block), so memory is O(layers·rows·dim) plus one block's intermediates.
+// only part that differs, passed in as a callback), and backward to the adapters. Backward reads each block's
+// intermediates as the forward left them when they fit (Checkpointing 'auto'/'off'); otherwise it keeps only
+// each block's input and recomputes the block when it reaches it (activation checkpointing per block), so
+// memory is O(layers·rows·dim) plus one block's intermediates.
 //
 // Every tensor lives in the backend's memory (memory.ts): host arrays on the cpu; on cuda and emu the weights
 // are uploaded once, here, and activations, adapters and gradients stay on the device. The host sends token
 // ids, positions and targets, and reads back logits or the loss (and, unless a device optimizer takes them, the
 // gradients: LlamaModel.trainingOnBackend).
+import { freemem } from 'node:os';
 import { PROJECTIONS } from '../../dsl/resolved.ts';
 import { denseTable } from './dense.ts';
 import type { Adapter, AdapterSet, HalfTable, Linear, LlamaConfig, LlamaWeights, ProjectionName, TokenTable } from './types.ts';
@@ -25,8 +27,17 @@ import type { OpProfile } from './profile.ts';
  */
 export type ActivationMode = 'fp32' | 'int8';
 
+/**
+ * Activation checkpointing in training: 'on' keeps only each block's input and recomputes the block in backward
+ * (memory O(layers·rows·dim)); 'off' keeps every block's intermediates from the forward (no recompute, about 15×
+ * that memory at LLaMA's shapes); 'auto' (default) keeps them when they fit keepBudget().
+ */
+export type Checkpointing = 'auto' | 'on' | 'off';
+export const CHECKPOINTING: readonly Checkpointing[] = ['auto', 'on', 'off'];
+
 export interface RunnerOptions {
   backend: BackendName;
+  checkpointing?: Checkpointing;
   activations?: ActivationMode;
   /** Per-op timing (`train --profile`); without it the native ops are called directly. */
   profile?: OpProfile;
@@ -42,6 +53,15 @@ export type Attend = (block: number, q: F32, k: F32, v: F32, att: F32, lse: F32)
 
 const NO_ADAPTER: LinearCall = { training: false, seed: 0 };
 
+/**
+ * The most bytes 'auto' checkpointing keeps of a step's activations: half the host's available memory, at most
+ * 8 GiB (a device's free memory is not asked: 4 GiB there), so a step that fits runs without the recompute.
+ */
+function keepBudget(mem: Memory): number {
+  const GiB = 2 ** 30;
+  return mem.device ? 4 * GiB : Math.min(8 * GiB, freemem() / 2);
+}
+
 /** A token table as the linear layer [vocab, dim] the classifier runs. */
 function tableLinear(t: TokenTable, vocab: number, dim: number): Linear | HalfTable {
   return t instanceof Float32Array ? { kind: 'float', out: vocab, in: dim, w: t } : t;
@@ -50,8 +70,11 @@ function tableLinear(t: TokenTable, vocab: number, dim: number): Linear | HalfTa
 /** Logits rows computed per classifier call, so [rows, vocab] never has to exist whole. */
 const CLASSIFIER_CHUNK_FLOATS = 1 << 24;
 
-/** Per row of one block's forward: what backward reads after the recompute. */
-type BlockField = 'xn' | 'rstd1' | 'q' | 'k' | 'v' | 'att' | 'lse' | 'o' | 'xmid' | 'xn2' | 'rstd2' | 'g' | 'u' | 'h' | 'd';
+/** Per row of one block's forward: what backward reads (SavedField), and two outputs it does not ('o', 'd'). */
+type BlockField = SavedField | 'o' | 'd';
+type SavedField = 'xn' | 'rstd1' | 'q' | 'k' | 'v' | 'att' | 'lse' | 'xmid' | 'xn2' | 'rstd2' | 'g' | 'u' | 'h';
+/** Where one block's forward writes: the shared buffers, or (no checkpointing) the block's own saved ones. */
+type BlockStore = { rows(m: number): Record<BlockField, F32> };
 /** Per row of backward through one block. */
 type GradField = 'dh' | 'dg' | 'du' | 'dxn' | 'datt' | 'dq' | 'dk' | 'dv' | 'tmp';
 /** Per row of the residual stream around the blocks. */
@@ -85,6 +108,9 @@ export class Runner {
   private grads?: GradBuffers;
   /** forwardBlock as backward's per-block recompute calls it (timed as one row when profiling). */
   private readonly recompute: Runner['forwardBlock'];
+  private readonly savedWidths: Record<SavedField, number>;
+  /** Per block, the forward's intermediates kept for backward (training without checkpointing). */
+  private saved?: BlockStore[];
 
   constructor(readonly weights: LlamaWeights, readonly native: NativeOps, readonly opts: RunnerOptions) {
     const prof = opts.profile;
@@ -96,7 +122,8 @@ export class Runner {
     this.headDim = dim / heads;
     this.kvDim = this.config.kvHeads * this.headDim;
     const kv = this.kvDim;
-    this.block = new RowBuffers(mem, { xn: dim, rstd1: 1, q: dim, k: kv, v: kv, att: dim, lse: heads, o: dim, xmid: dim, xn2: dim, rstd2: 1, g: hidden, u: hidden, h: hidden, d: dim });
+    this.savedWidths = { xn: dim, rstd1: 1, q: dim, k: kv, v: kv, att: dim, lse: heads, xmid: dim, xn2: dim, rstd2: 1, g: hidden, u: hidden, h: hidden };
+    this.block = new RowBuffers(mem, { ...this.savedWidths, o: dim, d: dim });
     this.grad = new RowBuffers(mem, { dh: hidden, dg: hidden, du: hidden, dxn: dim, datt: dim, dq: dim, dk: kv, dv: kv, tmp: dim });
     this.stream = new RowBuffers(mem, { x: dim, xf: dim, rstdf: 1, dxf: dim, dx: dim, xw: dim });
     this.ints = { tokens: this.grownI32(), pos: this.grownI32(), targets: this.grownI32() };
@@ -208,11 +235,11 @@ export class Runner {
 
   /**
    * Block l on x [m, dim] in place (x ← x + attn(x); x ← x + ffn(x)); pos [m] are the rows' positions.
-   * Intermediates stay in `this.block.rows(m)` until the next block runs (backward reads them).
+   * Intermediates stay in `store` (the shared this.block unless given) until the next block writes there.
    */
-  forwardBlock(l: number, x: F32, m: number, pos: I32, adapters: AdapterSet, attend: Attend, training = false, seed = 0): void {
+  forwardBlock(l: number, x: F32, m: number, pos: I32, adapters: AdapterSet, attend: Attend, training = false, seed = 0, store: BlockStore = this.block): void {
     const { dim, hidden, heads, kvHeads, normEps, ropeTheta } = this.config;
-    const c = this.core, b = this.block.rows(m), norm = this.norms[l], lin = this.linears[l];
+    const c = this.core, b = store.rows(m), norm = this.norms[l], lin = this.linears[l];
     const call = (p: ProjectionName) => this.call(adapters, l, p, training, seed);
     c.rmsnorm_forward(x, norm.attn, b.xn, b.rstd1, m, dim, normEps);
     lin.q.forward(b.xn, b.q, m, call('q'));
@@ -258,17 +285,17 @@ export class Runner {
   }
 
   /**
-   * Residual stream after all blocks, for [batch, seqLen] tokens; with `keep`, each block's input is kept.
-   * Returns the positions too (backward's recompute uses them).
+   * Residual stream after all blocks, for [batch, seqLen] tokens; with `keep`, each block's input is kept (and,
+   * given stores, its intermediates). Returns the positions too (backward's recompute uses them).
    */
-  private trunk(adapters: AdapterSet, tokens: Int32Array, batch: number, seqLen: number, training: boolean, seed: number, keep?: F32): { x: F32; pos: I32 } {
+  private trunk(adapters: AdapterSet, tokens: Int32Array, batch: number, seqLen: number, training: boolean, seed: number, keep?: { inputs: F32; stores?: BlockStore[] }): { x: F32; pos: I32 } {
     const m = batch * seqLen, dim = this.config.dim;
     const x = this.stream.rows(m).x;
     this.embed(tokens, this.toBackend(tokens, this.ints.tokens), x);
     const pos = this.positions(batch, seqLen), attend = this.trainingAttend(batch, seqLen);
     for (let l = 0; l < this.config.layers; l++) {
-      if (keep) this.mem.copy(keep, x, l * m * dim);
-      this.forwardBlock(l, x, m, pos, adapters, attend, training, seed);
+      if (keep) this.mem.copy(keep.inputs, x, l * m * dim);
+      this.forwardBlock(l, x, m, pos, adapters, attend, training, seed, keep?.stores?.[l]);
     }
     return { x, pos };
   }
@@ -327,7 +354,8 @@ export class Runner {
     this.syncAdapters(adapters);
     const inputs = this.inputs.get(layers * m * dim);
     const input = (l: number) => mem.view(inputs, l * m * dim, m * dim);
-    const { x, pos } = this.trunk(adapters, tokens, batch, seqLen, training, seed, inputs);
+    const stores = this.savedStores(m);
+    const { x, pos } = this.trunk(adapters, tokens, batch, seqLen, training, seed, { inputs, stores });
     const { xf, rstd } = this.finalNorm(x, m);
     const t = maskedTargets(targets, opts.mask);
     const s = this.stream.rows(m);
@@ -340,9 +368,11 @@ export class Runner {
     const attend = this.trainingAttend(batch, seqLen);
     const xw = s.xw, d = this.grad.rows(m);
     for (let l = layers - 1; l >= 0; l--) {
-      mem.copy(xw, input(l));
-      this.recompute(l, xw, m, pos, adapters, attend, training, seed);
-      const b = this.block.rows(m), norm = this.norms[l], lin = this.linears[l];
+      if (!stores) {
+        mem.copy(xw, input(l));
+        this.recompute(l, xw, m, pos, adapters, attend, training, seed);
+      }
+      const b = (stores?.[l] ?? this.block).rows(m), norm = this.norms[l], lin = this.linears[l];
       const call = (p: ProjectionName) => this.call(adapters, l, p, training, seed);
       const grad = (p: ProjectionName) => grads.onBackend[l]?.[p];
       // FFN: out = xmid + down(swiglu(gate(xn2), up(xn2)))
@@ -366,6 +396,24 @@ export class Runner {
     }
     if (mem.device && !opts.gradsOnBackend) mem.read(grads.flat, grads.hostFlat); // every gradient in one download
     return { loss, count: countScored(t), grads: grads.host, flat: grads.flat };
+  }
+
+  /**
+   * One store per block for a forward of m rows whose intermediates backward reads without recomputing them,
+   * or undefined when checkpointing is on (or, on 'auto', when they would not fit KEEP_BUDGET).
+   */
+  private savedStores(m: number): BlockStore[] | undefined {
+    const mode = this.opts.checkpointing ?? 'auto';
+    const perRow = Object.values<number>(this.savedWidths).reduce((a, w) => a + w, 0);
+    if (mode === 'on' || (mode === 'auto' && this.config.layers * m * perRow * 4 > keepBudget(this.mem))) {
+      this.saved = undefined; // a larger batch than before: let the host collect what the smaller one kept
+      return undefined;
+    }
+    this.saved ??= this.weights.blocks.map(() => {
+      const own = new RowBuffers(this.mem, this.savedWidths);
+      return { rows: (n: number) => ({ ...this.block.rows(n), ...own.rows(n) }) };
+    });
+    return this.saved;
   }
 
   /** Gradient buffers shaped like the adapters (reused while the shapes stay the same): one flat block each side. */

@@ -6,6 +6,7 @@ import { QaloraError } from '../errors.ts';
 import { SCHEDULES, type ScheduleName } from './schedule.ts';
 import { TABLE_TYPES } from '../../dsl/defaults.ts';
 import type { TableType } from '../../dsl/resolved.ts';
+import { CHECKPOINTING, type Checkpointing } from '../model/runner.ts';
 
 export interface TrainConfig {
   model: string;
@@ -44,6 +45,8 @@ export interface TrainConfig {
   requantize?: boolean;
   /** The token tables' type (`--tables`, over the spec's `tables`). */
   tables?: TableType;
+  /** Recompute each block in backward ('on'), keep its activations ('off'), or keep them when they fit ('auto'). */
+  gradientCheckpointing: Checkpointing;
 }
 
 export const TRAIN_DEFAULTS: Omit<TrainConfig, 'model' | 'data' | 'out'> = {
@@ -61,6 +64,7 @@ export const TRAIN_DEFAULTS: Omit<TrainConfig, 'model' | 'data' | 'out'> = {
   weightDecay: 0,
   backend: 'cpu',
   quiet: false,
+  gradientCheckpointing: 'auto',
 };
 
 /**
@@ -73,7 +77,8 @@ export function defaultLearningRate(dim: number): number {
 
 const NUMBER_KEYS = ['lr', 'warmup', 'batchSize', 'gradAccum', 'maxSteps', 'epochs', 'seqLen', 'valFraction', 'evalWindows',
   'evalEvery', 'saveEvery', 'seed', 'maxGradNorm', 'weightDecay', 'dropout'] as const;
-const STRING_KEYS = ['model', 'tokenizer', 'spec', 'data', 'format', 'separator', 'chatTemplate', 'out', 'schedule', 'backend', 'tables'] as const;
+const STRING_KEYS = ['model', 'tokenizer', 'spec', 'data', 'format', 'separator', 'chatTemplate', 'out', 'schedule', 'backend', 'tables',
+  'gradientCheckpointing'] as const;
 const BOOL_KEYS = ['resume', 'quiet', 'requantize'] as const;
 const ALL_KEYS = new Set<string>([...NUMBER_KEYS, ...STRING_KEYS, ...BOOL_KEYS]);
 
@@ -148,6 +153,7 @@ export function resolveTrainConfig(fileValues: Record<string, unknown>, flags: R
   if (c.dropout !== undefined && !(c.dropout >= 0 && c.dropout < 1)) throw new QaloraError(`${where('dropout')}: must be in [0, 1), got ${c.dropout}`);
   if (!SCHEDULES.includes(c.schedule)) throw new QaloraError(`${where('schedule')}: unknown schedule '${c.schedule}' (expected ${SCHEDULES.join(', ')})`);
   if (!['cpu', 'cuda', 'emu'].includes(c.backend)) throw new QaloraError(`${where('backend')}: expected cpu, cuda or emu, got '${c.backend}'`);
+  if (!CHECKPOINTING.includes(c.gradientCheckpointing)) throw new QaloraError(`${where('gradientCheckpointing')}: expected ${CHECKPOINTING.join(', ')}, got '${c.gradientCheckpointing}'`);
   if (c.tables !== undefined && !TABLE_TYPES.includes(c.tables)) throw new QaloraError(`${where('tables')}: expected one of ${TABLE_TYPES.join(', ')}, got '${c.tables}'`);
   return c;
 }

@@ -1,11 +1,13 @@
-// Row-wise and element-wise core ops. Plain loops written so g++ -O3 -mavx2 vectorizes them; rows or element
-// ranges are split over the pool when a call is big enough to pay for it.
+// Row-wise and element-wise core ops. Plain loops written so g++ -O3 -mavx2 vectorizes them, and explicit
+// vectors where the loop is exponentials (exp_avx2.h); rows or element ranges are split over the pool when a
+// call is big enough to pay for it.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "core_ops.h"
+#include "exp_avx2.h"
 #include "qalora_common.h"
 #include "cpu/threadpool.h"
 
@@ -125,22 +127,52 @@ void rope_backward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, i
   rope(dx, pos, rows, heads, head_dim, theta, rotate_half, -1.0f);
 }
 
+namespace {
+/// f(i0, lanes) over [0, n) in vectors of 8 lanes, split over the pool; the last partial vector goes through
+/// `f` too (on padded copies: see lanes8), so every element takes the same arithmetic.
+template <class F>
+void eight_at_a_time(int64_t n, F f) {
+  cpu_rt::parallel_range((n + 7) / 8, ELEM_GRAIN / 8, [&](int64_t b, int64_t e) {
+    for (int64_t v = b; v < e; v++) f(v * 8, std::min<int64_t>(8, n - v * 8));
+  });
+}
+
+/// Eight lanes of x from i (zeros past `lanes`), and their store back.
+inline __m256 lanes8(const float* x, int64_t i, int64_t lanes) {
+  if (lanes == 8) return _mm256_loadu_ps(x + i);
+  float t[8] = {};
+  std::memcpy(t, x + i, sizeof(float) * lanes);
+  return _mm256_loadu_ps(t);
+}
+inline void store8(float* y, int64_t i, int64_t lanes, __m256 v) {
+  if (lanes == 8) return _mm256_storeu_ps(y + i, v);
+  float t[8];
+  _mm256_storeu_ps(t, v);
+  std::memcpy(y + i, t, sizeof(float) * lanes);
+}
+
+/// σ(g) = 1 / (1 + e^−g).
+inline __m256 sigmoid8(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+}  // namespace
+
 void swiglu_forward(const float* gate, const float* up, float* out, int64_t n) {
-  cpu_rt::parallel_range(n, ELEM_GRAIN, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) {
-      const float g = gate[i];
-      out[i] = g * (1.0f / (1.0f + std::exp(-g))) * up[i];
-    }
+  eight_at_a_time(n, [&](int64_t i, int64_t lanes) {
+    const __m256 g = lanes8(gate, i, lanes);
+    store8(out, i, lanes, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), lanes8(up, i, lanes)));
   });
 }
 
 void swiglu_backward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) {
-  cpu_rt::parallel_range(n, ELEM_GRAIN, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) {
-      const float g = gate[i], s = 1.0f / (1.0f + std::exp(-g)), d = dout[i];
-      dup[i] = d * g * s;
-      dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
-    }
+  const __m256 one = _mm256_set1_ps(1.0f);
+  eight_at_a_time(n, [&](int64_t i, int64_t lanes) {
+    const __m256 g = lanes8(gate, i, lanes), s = sigmoid8(g), d = lanes8(dout, i, lanes);
+    store8(dup, i, lanes, _mm256_mul_ps(_mm256_mul_ps(d, g), s));
+    // d·up·σ·(1 + g·(1 − σ))
+    const __m256 tail = _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one);
+    store8(dgate, i, lanes, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(d, lanes8(up, i, lanes)), s), tail));
   });
 }
 
@@ -148,20 +180,32 @@ namespace {
 // Loss of one row (max-shifted log-sum-exp, summed in double) and, when `grad`, its softmax gradient. The
 // exponentials are computed once, into grad when there is one (grad may alias z: z[target] is read first).
 double ce_row(const float* z, int32_t target, int64_t vocab, float scale, float* grad) {
-  float mx = z[0];
-  for (int64_t i = 1; i < vocab; i++) mx = std::max(mx, z[i]);
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= vocab; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(z + i));
+  float mx = max8(m8);
+  for (; i < vocab; i++) mx = std::max(mx, z[i]);
   const float zt = z[target];
-  double sum = 0.0;
+  // e^(z − max) eight at a time (the last partial vector on a padded copy), summed in double.
+  __m256d sum4 = _mm256_setzero_pd();
+  const __m256 mxv = _mm256_set1_ps(mx);
+  for (i = 0; i < vocab; i += 8) {
+    const int64_t lanes = std::min<int64_t>(8, vocab - i);
+    __m256 e = exp8(_mm256_sub_ps(lanes8(z, i, lanes), mxv));
+    if (lanes < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    if (grad) store8(grad, i, lanes, e);
+    sum4 = _mm256_add_pd(sum4, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e)), _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
+  }
+  double lanes4[4];
+  _mm256_storeu_pd(lanes4, sum4);
+  const double sum = (lanes4[0] + lanes4[1]) + (lanes4[2] + lanes4[3]);
   if (grad) {
-    for (int64_t i = 0; i < vocab; i++) {
-      grad[i] = std::exp(z[i] - mx);
-      sum += grad[i];
+    const __m256 k = _mm256_set1_ps((float)(scale / sum));
+    for (i = 0; i < vocab; i += 8) {
+      const int64_t lanes = std::min<int64_t>(8, vocab - i);
+      store8(grad, i, lanes, _mm256_mul_ps(lanes8(grad, i, lanes), k));
     }
-    const float k = (float)(scale / sum);
-    for (int64_t i = 0; i < vocab; i++) grad[i] *= k;
     grad[target] -= scale;
-  } else {
-    for (int64_t i = 0; i < vocab; i++) sum += std::exp(z[i] - mx);
   }
   return (double)mx + std::log(sum) - (double)zt;
 }

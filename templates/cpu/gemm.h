@@ -14,7 +14,7 @@ constexpr int MR = 6;
 constexpr int NR = 16;
 
 struct Blocking {
-  int64_t mc = 72, nc = 256, kc = 256;
+  int64_t mc = 72, nc = 256, kc = 512;  // compiler/plan.ts says why
 };
 
 /// Writes B[k0 .. k0+kc) × [n0 .. n0+nc) into `panel` as ceil(nc/NR) slices, each [kc][NR] row-major,
@@ -108,13 +108,23 @@ inline void micro_kernel(int64_t kc, const float* a, const float* b, float* c, i
 
 /// A[m0 .. m0+mc) × [k0 .. k0+kc) as MR-row slices [kc][MR], rows past mc zero.
 inline void pack_a(const Strided& a, int64_t m0, int64_t mc, int64_t k0, int64_t kc, float* out) {
+  static_assert(MR <= 8, "pack_a transposes MR rows as eight");
   for (int64_t i = 0; i < mc; i += MR) {
     float* slice = out + (i / MR) * kc * MR;
     const int64_t h = std::min<int64_t>(MR, mc - i);
     const float* src = a.p + (m0 + i) * a.rs + k0 * a.cs;
     if (a.cs == 1) {  // rows contiguous: read along k
+      int64_t k = 0;
+      if (h == MR) {  // eight inputs of the MR rows at a time, turned into eight MR-wide rows in registers
+        for (; k + 8 <= kc; k += 8) {
+          f8 r[8];
+          for (int j = 0; j < 8; j++) r[j] = j < MR ? f8_load(src + j * a.rs + k) : f8_zero();
+          f8_transpose8(r);
+          for (int t = 0; t < 8; t++) f8_store_first<MR>(slice + (k + t) * MR, r[t]);
+        }
+      }
       for (int64_t r = 0; r < MR; r++)
-        for (int64_t k = 0; k < kc; k++) slice[k * MR + r] = r < h ? src[r * a.rs + k] : 0.f;
+        for (int64_t kk = k; kk < kc; kk++) slice[kk * MR + r] = r < h ? src[r * a.rs + kk] : 0.f;
     } else {  // a transposed view (Aᵀ of a row-major matrix): read along the rows instead
       for (int64_t k = 0; k < kc; k++)
         for (int64_t r = 0; r < MR; r++) slice[k * MR + r] = r < h ? src[r * a.rs + k * a.cs] : 0.f;
@@ -125,6 +135,36 @@ inline void pack_a(const Strided& a, int64_t m0, int64_t mc, int64_t k0, int64_t
 inline std::vector<float>& scratch(int which) {
   thread_local std::vector<float> buffers[2];
   return buffers[which];
+}
+
+/// All of A packed once, before the tasks split N: [K blocks of kc][M padded to MR][kc][MR] — the MR-row slice
+/// of rows i.. and inputs k0.. is at at(k0, i). Every N panel reads the same copy: packed per panel, A cost
+/// prefill as much as the panels' dequantization when N is wide.
+struct PackedA {
+  std::vector<float> data;
+  int64_t m_pad = 0, kc = 0, K = 0;
+  int64_t offset(int64_t k0, int64_t i) const { return k0 * m_pad + i * std::min(kc, K - k0); }
+  const float* at(int64_t k0, int64_t i) const { return data.data() + offset(k0, i); }
+  float* at(int64_t k0, int64_t i) { return data.data() + offset(k0, i); }
+};
+
+/// The most floats of A packed once and shared (16 MB): beyond that, reading it back costs more than packing.
+constexpr int64_t kSharedPackFloats = int64_t{1} << 22;
+
+inline void pack_all_a(const Strided& a, int64_t M, int64_t K, int64_t kc, PackedA& out) {
+  out.m_pad = (M + MR - 1) / MR * MR;
+  out.kc = kc;
+  out.K = K;
+  out.data.resize((size_t)(out.m_pad * K));
+  const int64_t k_blocks = (K + kc - 1) / kc, slices = out.m_pad / MR;
+  // Chunks of ~16k packed floats per task.
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / (kc * MR));
+  cpu_rt::parallel_range(k_blocks * slices, grain, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; t++) {
+      const int64_t k0 = (t / slices) * kc, i = (t % slices) * MR;
+      pack_a(a, i, std::min<int64_t>(MR, M - i), k0, std::min(kc, K - k0), out.at(k0, i));
+    }
+  });
 }
 
 /// C[M,N] = A·B (+ C when accumulate). Tasks split N into NC-wide panels and, when that leaves threads idle,
@@ -148,6 +188,12 @@ inline std::vector<float>& scratch(int which) {
   const int64_t n_tasks_m =
       tiny ? 1 : std::min(m_slices, n_tasks_n >= 2 * threads ? 1 : (2 * threads + n_tasks_n - 1) / n_tasks_n);
   const int64_t rows_per_task = (m_slices + n_tasks_m - 1) / n_tasks_m * MR;
+  // A wide N (many panels) packs A once for all of them, unless A is large: then each task packs the block
+  // it is about to use, which is still in L2 when the micro-kernels read it.
+  const bool shared_a = n_tasks_n > 2 && M * K <= kSharedPackFloats;
+  thread_local PackedA packed;  // the calling thread's: tasks on the pool's threads only read it
+  if (shared_a) pack_all_a(A, M, K, kc, packed);
+  const PackedA& pa = packed;
   cpu_rt::parallel_for(n_tasks_n * n_tasks_m, [&](int64_t t) {
     const int64_t n0 = (t % n_tasks_n) * nc, ncur = std::min(nc, N - n0);
     const int64_t mb = (t / n_tasks_n) * rows_per_task, me = std::min(M, mb + rows_per_task);
@@ -155,19 +201,20 @@ inline std::vector<float>& scratch(int which) {
     std::vector<float>& panel = scratch(0);
     std::vector<float>& apack = scratch(1);
     panel.resize((size_t)(kc * ((ncur + NR - 1) / NR) * NR));
-    apack.resize((size_t)(mc * kc));
+    if (!shared_a) apack.resize((size_t)(mc * kc));
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
       const int64_t kcur = std::min(kc, K - k0);
       pack_b(ctx, k0, kcur, n0, ncur, panel.data());
       const bool acc = accumulate || k0 > 0;
       for (int64_t m0 = mb; m0 < me; m0 += mc) {
         const int64_t mcur = std::min(mc, me - m0);
-        pack_a(A, m0, mcur, k0, kcur, apack.data());
+        if (!shared_a) pack_a(A, m0, mcur, k0, kcur, apack.data());
         for (int64_t j = 0; j < ncur; j += NR) {
           const float* bs = panel.data() + (j / NR) * kcur * NR;
           for (int64_t i = 0; i < mcur; i += MR) {
-            micro_kernel(kcur, apack.data() + (i / MR) * kcur * MR, bs, C + (m0 + i) * ldc + n0 + j, ldc,
-                         (int)std::min<int64_t>(MR, mcur - i), (int)std::min<int64_t>(NR, ncur - j), acc);
+            const float* as = shared_a ? pa.at(k0, m0 + i) : apack.data() + (i / MR) * kcur * MR;
+            micro_kernel(kcur, as, bs, C + (m0 + i) * ldc + n0 + j, ldc, (int)std::min<int64_t>(MR, mcur - i),
+                         (int)std::min<int64_t>(NR, ncur - j), acc);
           }
         }
       }

@@ -136,6 +136,28 @@ void pack_w_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int6
   const QuantView<S>& w = *static_cast<const QuantView<S>*>(ctx);
   for (int64_t j = 0; j < nc; j += NR) {
     float* slice = panel + (j / NR) * kc * NR;
+    if constexpr (FAST) {
+      // Eight output rows at a time: each dequantizes a block of 32 inputs, and 8×8 transposes turn those
+      // rows into the slice's rows of eight consecutive columns (one store each, not 32 scattered floats).
+      if (j + NR <= nc) {
+        for (int half = 0; half < NR; half += 8) {
+          for_each_block(w, k0, kc, [&](int64_t i, int64_t g) {
+            f8 rows[4][8];
+            for (int r = 0; r < 8; r++) {
+              f8 v[4];
+              dequant_block<BITS>(w, n0 + j + half + r, i, g, v);
+              for (int c = 0; c < 4; c++) rows[c][r] = v[c];
+            }
+            float* dst = slice + (i - k0) * NR + half;
+            for (int c = 0; c < 4; c++) {
+              f8_transpose8(rows[c]);
+              for (int t = 0; t < 8; t++) f8_store(dst + (8 * c + t) * NR, rows[c][t]);
+            }
+          });
+        }
+        continue;
+      }
+    }
     for (int col = 0; col < NR; col++) {
       const int64_t o = n0 + j + col;
       if (j + col >= nc) {

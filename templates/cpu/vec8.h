@@ -46,6 +46,32 @@ inline u8v u8_and(u8v a, uint32_t m) { return {_mm256_and_si256(a.v, _mm256_set1
 inline u8v u8_or(u8v a, u8v b) { return {_mm256_or_si256(a.v, b.v)}; }
 inline f8 u8_to_f8(u8v a) { return {_mm256_cvtepi32_ps(a.v)}; }
 inline f8 f8_from_f16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p))}; }
+/// Lanes 0 .. N−1 of a to p (N = 6: a 16-byte and an 8-byte store).
+template <int N>
+inline void f8_store_first(float* p, f8 a) {
+  static_assert(N == 6, "only the GEMM's MR is needed");
+  const __m128 hi = _mm256_extractf128_ps(a.v, 1);
+  _mm_storeu_ps(p, _mm256_castps256_ps128(a.v));
+  _mm_storel_pi(reinterpret_cast<__m64*>(p + 4), hi);
+}
+/// r[i] lane j ↔ r[j] lane i: eight rows of eight become eight columns.
+inline void f8_transpose8(f8 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i].v, r[i + 1].v);
+    t[i + 1] = _mm256_unpackhi_ps(r[i].v, r[i + 1].v);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i].v = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4].v = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
 /// bf16 is the top half of an fp32: widened by a shift.
 inline f8 f8_from_bf16(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16))};
@@ -111,6 +137,14 @@ inline u8v u8_and(u8v a, uint32_t m) { QL_LANES(a.v[l] &= m); return a; }
 inline u8v u8_or(u8v a, u8v b) { QL_LANES(a.v[l] |= b.v[l]); return a; }
 inline f8 u8_to_f8(u8v a) { f8 r; QL_LANES(r.v[l] = (float)a.v[l]); return r; }
 inline f8 f8_from_f16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = f16_to_f32(p[l])); return r; }
+template <int N>
+inline void f8_store_first(float* p, f8 a) {
+  for (int l = 0; l < N; l++) p[l] = a.v[l];
+}
+inline void f8_transpose8(f8 r[8]) {
+  for (int i = 0; i < 8; i++)
+    for (int j = i + 1; j < 8; j++) std::swap(r[i].v[j], r[j].v[i]);
+}
 inline f8 f8_from_bf16(const uint16_t* p) { f8 r; QL_LANES(r.v[l] = bf16_to_f32(p[l])); return r; }
 inline float scale_f32(uint16_t h) { return f16_to_f32(h); }
 inline void f8_to_f16(uint16_t* p, f8 a) { QL_LANES(p[l] = f32_to_f16(a.v[l])); }
