@@ -69,12 +69,8 @@ inline void pack_strided(const void* ctx, int64_t k0, int64_t kc, int64_t n0, in
   }
 }
 
-/// c[mr×nr] (+)= a[kc][MR]ᵀ · b[kc][NR]; the full tile is computed, only mr×nr stored.
-inline void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr, int nr,
-                         bool accumulate) {
-  f8 acc[MR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = f8_zero();
+/// acc += a[kc][MR]ᵀ · b[kc][NR].
+inline void micro_products(int64_t kc, const float* a, const float* b, f8 (&acc)[MR][2]) {
   for (int64_t k = 0; k < kc; k++, a += MR, b += NR) {
     const f8 b0 = f8_load(b), b1 = f8_load(b + 8);
 #pragma GCC unroll 8
@@ -84,6 +80,24 @@ inline void micro_kernel(int64_t kc, const float* a, const float* b, float* c, i
       acc[r][1] = f8_fma(ar, b1, acc[r][1]);
     }
   }
+}
+
+/// The packed tail of a product, see GemmTail: kt more inputs, as [kt][MR] and [kt][NR] slices.
+struct TileTail {
+  int64_t kt = 0;
+  const float* a = nullptr;
+  const float* b = nullptr;
+};
+
+/// c[mr×nr] (+)= a[kc][MR]ᵀ · b[kc][NR] (+ the tail's products, in the same accumulators); the full tile is
+/// computed, only mr×nr stored.
+inline void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr, int nr,
+                         bool accumulate, TileTail tail = {}) {
+  f8 acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = f8_zero();
+  micro_products(kc, a, b, acc);
+  if (tail.kt > 0) micro_products(tail.kt, tail.a, tail.b, acc);
   if (mr == MR && nr == NR) {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) {
@@ -133,7 +147,7 @@ inline void pack_a(const Strided& a, int64_t m0, int64_t mc, int64_t k0, int64_t
 }
 
 inline std::vector<float>& scratch(int which) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[4];
   return buffers[which];
 }
 
@@ -167,10 +181,20 @@ inline void pack_all_a(const Strided& a, int64_t M, int64_t K, int64_t kc, Packe
   });
 }
 
-/// C[M,N] = A·B (+ C when accumulate). Tasks split N into NC-wide panels and, when that leaves threads idle,
-/// M into row ranges; each task packs its own panels, so a weight panel is dequantized once per task.
+/// A few more inputs appended to a product's K: C = [A | a]·[B ; b]. A LoRA update y += (s·h)·Bᵀ (rank-sized)
+/// rides in the base product's last panel this way, in the same accumulators, instead of a second pass over C.
+struct GemmTail {
+  int64_t k;
+  Strided a;       // [M, k]
+  PackB pack_b;    // b [k, N]
+  const void* ctx;
+};
+
+/// C[M,N] = A·B (+ C when accumulate), with `tail`'s products added. Tasks split N into NC-wide panels and,
+/// when that leaves threads idle, M into row ranges; each task packs its own panels, so a weight panel is
+/// dequantized once per task.
 [[gnu::noinline]] inline void gemm(int64_t M, int64_t N, int64_t K, const Strided& A, PackB pack_b, const void* ctx,
-                                   float* C, int64_t ldc, bool accumulate, Blocking bl) {
+                                   float* C, int64_t ldc, bool accumulate, Blocking bl, const GemmTail* tail = nullptr) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
@@ -200,21 +224,33 @@ inline void pack_all_a(const Strided& a, int64_t M, int64_t K, int64_t kc, Packe
     if (mb >= me) return;
     std::vector<float>& panel = scratch(0);
     std::vector<float>& apack = scratch(1);
-    panel.resize((size_t)(kc * ((ncur + NR - 1) / NR) * NR));
+    std::vector<float>& tail_b = scratch(2);
+    std::vector<float>& tail_a = scratch(3);
+    const int64_t slices = (ncur + NR - 1) / NR;
+    panel.resize((size_t)(kc * slices * NR));
     if (!shared_a) apack.resize((size_t)(mc * kc));
+    if (tail) {
+      tail_b.resize((size_t)(tail->k * slices * NR));
+      tail_a.resize((size_t)(mc * tail->k));
+      tail->pack_b(tail->ctx, 0, tail->k, n0, ncur, tail_b.data());
+    }
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
       const int64_t kcur = std::min(kc, K - k0);
+      const bool last = k0 + kcur >= K;
       pack_b(ctx, k0, kcur, n0, ncur, panel.data());
       const bool acc = accumulate || k0 > 0;
       for (int64_t m0 = mb; m0 < me; m0 += mc) {
         const int64_t mcur = std::min(mc, me - m0);
         if (!shared_a) pack_a(A, m0, mcur, k0, kcur, apack.data());
+        if (tail && last) pack_a(tail->a, m0, mcur, 0, tail->k, tail_a.data());
         for (int64_t j = 0; j < ncur; j += NR) {
           const float* bs = panel.data() + (j / NR) * kcur * NR;
           for (int64_t i = 0; i < mcur; i += MR) {
             const float* as = shared_a ? pa.at(k0, m0 + i) : apack.data() + (i / MR) * kcur * MR;
+            TileTail tt;
+            if (tail && last) tt = {tail->k, tail_a.data() + (i / MR) * tail->k * MR, tail_b.data() + (j / NR) * tail->k * NR};
             micro_kernel(kcur, as, bs, C + (m0 + i) * ldc + n0 + j, ldc, (int)std::min<int64_t>(MR, mcur - i),
-                         (int)std::min<int64_t>(NR, ncur - j), acc);
+                         (int)std::min<int64_t>(NR, ncur - j), acc, tt);
           }
         }
       }

@@ -234,9 +234,11 @@ struct QuantLayer {
     } else {
       Blocking bl = s.blocking;
       if (FAST) bl.kc = std::max<int64_t>(32, bl.kc / 32 * 32);  // panels start on whole 32-blocks
-      gemm(a.m, a.out, a.in, {xf.p, a.in, 1}, pack_w_transposed<BITS, FAST, S>, &w, yf.p, a.out, false, bl);
-      if (a.rank > 0)  // y += (s·h)·Bᵀ: a rank-sized K through the same engine
-        gemm_strided(a.m, a.out, a.rank, {hs.data(), a.rank, 1}, {a.lora_b, 1, a.rank}, yf.p, a.out, true);
+      // y = x·Ŵᵀ + (s·h)·Bᵀ: the adapter's rank-sized K rides in the base product's last panel.
+      const Strided lora_bt{a.lora_b, 1, a.rank};
+      const GemmTail lora{a.rank, {hs.data(), a.rank, 1}, pack_strided<float>, &lora_bt};
+      gemm(a.m, a.out, a.in, {xf.p, a.in, 1}, pack_w_transposed<BITS, FAST, S>, &w, yf.p, a.out, false, bl,
+           a.rank > 0 ? &lora : nullptr);
     }
     yf.finish();
   }
