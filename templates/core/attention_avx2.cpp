@@ -223,18 +223,20 @@ inline float row_max(const float* row, int64_t count) {
 
 /// Where one block of query rows of one head sits, and the keys it sees.
 struct Block {
-  int64_t b, h, kvh, t0, rows, keys, keys8;
+  int64_t b, h, kvh;
+  int64_t row0;  // the block's first query row in [batch·tq]: row0 = b·tq + t0
+  int64_t t0, rows, offset, keys, keys8;
   Block(int64_t b_, int64_t h_, int64_t blk, int64_t tq, int64_t tk, int64_t group)
-      : b(b_), h(h_), kvh(h_ / group), t0(blk * BQ), rows(std::min(BQ, tq - blk * BQ)),
-        keys(std::min(tk, blk * BQ + std::min(BQ, tq - blk * BQ) + (tk - tq))), keys8((keys + 7) / 8 * 8) {}
-  /// Keys row r of the block sees: s ≤ t0 + r + (tk − tq).
-  int64_t seen(int64_t r, int64_t tq, int64_t tk) const { return t0 + r + (tk - tq) + 1; }
+      : b(b_), h(h_), kvh(h_ / group), row0(b_ * tq + blk * BQ), t0(blk * BQ), rows(std::min(BQ, tq - t0)),
+        offset(tk - tq), keys(std::min(tk, t0 + rows + offset)), keys8((keys + 7) / 8 * 8) {}
+  /// Keys row r of the block sees: s ≤ t0 + r + offset.
+  int64_t seen(int64_t r) const { return t0 + r + offset + 1; }
 };
 
 /// scores [rows, keys8] (row stride tkp) = Q·Kᵀ of one block, unscaled.
-inline void block_scores(const Block& blk, const float* q, const float* kt, int64_t tq, int64_t qs, int64_t kv_heads,
+inline void block_scores(const Block& blk, const float* q, const float* kt, int64_t qs, int64_t kv_heads,
                          int64_t head_dim, int64_t tkp, float* scores) {
-  const float* qb = q + (blk.b * tq + blk.t0) * qs + blk.h * head_dim;
+  const float* qb = q + blk.row0 * qs + blk.h * head_dim;
   const float* ktb = kt + (blk.b * kv_heads + blk.kvh) * head_dim * tkp;
   small_gemm(blk.rows, blk.keys8, head_dim, {qb, qs, 1}, ktb, tkp, scores, tkp, false);
 }
@@ -250,16 +252,16 @@ void forward_blocked(const float* q, const float* k, const float* v, float* out,
     float inv[BQ];
     for (int64_t task = tb; task < te; task++) {
       const Block blk(task / (heads * blocks), (task / blocks) % heads, task % blocks, tq, tk, group);
-      block_scores(blk, q, kt.data(), tq, qs, kv_heads, head_dim, tkp, p.data());
+      block_scores(blk, q, kt.data(), qs, kv_heads, head_dim, tkp, p.data());
       for (int64_t r = 0; r < blk.rows; r++) {
         float* row = p.data() + r * tkp;
-        const int64_t seen = blk.seen(r, tq, tk);
+        const int64_t seen = blk.seen(r);
         const float mx = row_max(row, seen) * scale;  // scale > 0: the max of the scaled scores
         const float sum = exp_row(row, seen, blk.keys8, scale, mx);
         inv[r] = 1.0f / sum;
-        lse[(blk.b * tq + blk.t0 + r) * heads + blk.h] = mx + std::log(sum);
+        lse[(blk.row0 + r) * heads + blk.h] = mx + std::log(sum);
       }
-      float* o = out + (blk.b * tq + blk.t0) * qs + blk.h * head_dim;
+      float* o = out + blk.row0 * qs + blk.h * head_dim;
       const float* vb = v + blk.b * tk * ks + blk.kvh * head_dim;
       small_gemm(blk.rows, head_dim, blk.keys, {p.data(), tkp, 1}, vb, ks, o, qs, false);
       for (int64_t r = 0; r < blk.rows; r++) {
@@ -291,15 +293,15 @@ void backward_blocked(const float* q, const float* k, const float* v, const floa
       for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
         for (int64_t bi = 0; bi < blocks; bi++) {
           const Block blk(b, h, bi, tq, tk, group);
-          const int64_t at = (b * tq + blk.t0) * qs + h * head_dim;
+          const int64_t at = blk.row0 * qs + h * head_dim;
           // P from the saved log-sum-exp, dP = dO·Vᵀ, then dS = P∘(dP − D)·scale with D = dO·O per row.
-          block_scores(blk, q, kt.data(), tq, qs, kv_heads, head_dim, tkp, p.data());
+          block_scores(blk, q, kt.data(), qs, kv_heads, head_dim, tkp, p.data());
           small_gemm(blk.rows, blk.keys8, head_dim, {dout + at, qs, 1}, vt.data() + task * head_dim * tkp, tkp,
                      ds.data(), tkp, false);
           for (int64_t r = 0; r < blk.rows; r++) {
             float* pr = p.data() + r * tkp;
             float* dr = ds.data() + r * tkp;
-            exp_row(pr, blk.seen(r, tq, tk), blk.keys8, scale, lse[(b * tq + blk.t0 + r) * heads + h]);
+            exp_row(pr, blk.seen(r), blk.keys8, scale, lse[(blk.row0 + r) * heads + h]);
             const __m256 D = _mm256_set1_ps(dot(dout + at + r * qs, out + at + r * qs, head_dim));
             const __m256 sc = _mm256_set1_ps(scale);
             for (int64_t s = 0; s < blk.keys8; s += 8) {
