@@ -108,6 +108,14 @@ describe('the 4-bit fp32 GEMV (gemv_q4.h): two blocks per load, every pass size,
       const c = { ...c0, m, in: c0.group === 32 ? 288 : c0.in, rank: m % 2 ? c0.rank : 0 };
       it(caseName(c), () => expect(checkForward(c, false, 700 + m)).toBe(''));
     }
+  // in = 2080 (32 spans and an odd block): from 3 rows of x on, x no longer fits the GEMV's L1 slice (16 KB), so
+  // each tile of output rows walks the inputs in slices and carries its sums between them; out = 37 leaves a
+  // tile whose rows do not pair up (two output rows at a time from 3 rows of x on).
+  for (const c0 of b4.filter((c) => c.group === 32))
+    for (const m of [1, 3, 4, 8, 16]) {
+      const c = { ...c0, m, in: 2080, out: 37, rank: m % 2 ? c0.rank : 0 };
+      it(`${caseName(c)} (inputs walked in slices)`, () => expect(checkForward(c, false, 800 + m)).toBe(''));
+    }
 });
 
 describe('backward against the reference (training, dropout 0.1)', () => {

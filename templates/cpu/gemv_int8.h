@@ -96,53 +96,78 @@ __attribute__((always_inline)) inline void int8_block(const uint32_t* qblk, cons
   }
 }
 
-/// y[m0 .. m0+RR, o] with int8 activations: each block's q unpacked once for all RR rows.
+/// Σ α·d·(q·x_q) for RR rows of x (quantized) against output rows of W, each block's q unpacked once for all
+/// RR rows; walked one range of blocks at a time like Q4Rows (gemv_q4.h), with the same bits as one walk when
+/// the ranges start on multiples of kUnitMultiple blocks.
 template <int BITS, class S, int RR>
-void gemv_rows_int8(const LayerArgs& a, const QuantView<S>& w, int64_t o, int64_t m0, const ActQ8& xq,
-                    const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
-  // Independent accumulators (P per row) so consecutive blocks' multiply-adds do not wait on each other; the
-  // accumulators are named by constants below so that they stay in registers.
-  constexpr int P = RR == 1 ? 4 : RR == 2 ? 2 : 1;
-  const int64_t blocks = xq.blocks, m = xq.rows;
-  const uint32_t* row = w.row(o);
-  const S* alpha = w.alpha + o * w.groups;
-  const int8_t* x = xq.q.data() + m0 * 32;  // block 0 of row m0; block b is m·32 bytes further
-  const float* d = xq.d.data() + m0;
-  const int32_t* xs = xq.sum.data() + m0;
-  float offset[RR];
-  for (int r = 0; r < RR; r++) offset[r] = row_offset(w, o, m0 + r, sums);
-  f8 acc[P][RR];
-  float corr[RR] = {};
-  for (int p = 0; p < P; p++)
-    for (int r = 0; r < RR; r++) acc[p][r] = f8_zero();
-  auto at = [&](int64_t b, float ab, f8 (&acc_p)[RR]) {
-    int8_block<BITS, RR>(row + b * BITS, x + b * m * 32, d + b * m, xs + b * m, ab, acc_p, corr);
+struct Int8Rows {
+  static constexpr int64_t kUnitMultiple = 8;  // units: 32-input blocks
+  static constexpr int kOutRows = 1;
+  static constexpr int64_t kUnitBytes = 32 + sizeof(float) + sizeof(int32_t);  // of x, per row: bytes, d, Σ
+  static constexpr int kRows = RR;
+  // Independent accumulators (P per row) so consecutive blocks' multiply-adds do not wait on each other.
+  static constexpr int P = RR == 1 ? 4 : RR == 2 ? 2 : 1;
+  struct Acc {
+    f8 v[P][RR];
+    float corr[RR];
   };
-  // α of each block in turn (a group may span several)
-  BlockGroups groups(w.group);
-  auto next_alpha = [&] { return scale_f32(alpha[groups.next()]); };
-  int64_t b = 0;
-  float ab[8];
-  for (; b + 8 <= blocks; b += 8) {
-    // q 2 KB ahead of the blocks in hand (into the next row at the end of this one: a chunk's rows are
-    // contiguous): +10–15 % GEMV bandwidth on this machine over the hardware prefetcher alone.
-    for (int64_t w16 = 0; w16 < 8 * BITS; w16 += 16) prefetch(row + b * BITS + kPrefetchWords + w16);
-    for (int j = 0; j < 8; j++) ab[j] = next_alpha();
-    for (int j = 0; j < 8; j += P) {
-      at(b + j, ab[j], acc[0]);
-      if constexpr (P > 1) at(b + j + 1, ab[j + 1], acc[1]);
-      if constexpr (P > 2) {
-        at(b + j + 2, ab[j + 2], acc[2]);
-        at(b + j + 3, ab[j + 3], acc[3]);
+  const QuantView<S>& w;
+  const int8_t* x;  // block 0 of row m0; block b is m·32 bytes further
+  const float* d;
+  const int32_t* xs;
+  int64_t blocks, m;
+
+  Int8Rows(const QuantView<S>& view, const ActQ8& xq, int64_t m0)
+      : w(view), x(xq.q.data() + m0 * 32), d(xq.d.data() + m0), xs(xq.sum.data() + m0), blocks(xq.blocks),
+        m(xq.rows) {}
+  int64_t units() const { return blocks; }
+
+  void begin(int64_t, Acc& acc) const {
+    for (int p = 0; p < P; p++)
+      for (int r = 0; r < RR; r++) acc.v[p][r] = f8_zero();
+    for (int r = 0; r < RR; r++) acc.corr[r] = 0.f;
+  }
+
+  /// Blocks [b0, b1) of row o into acc (b0 a multiple of kUnitMultiple).
+  template <int NW = 1>
+  void add(int64_t o, int64_t b0, int64_t b1, Acc* out) const {
+    static_assert(NW == 1, "one output row at a time");
+    Acc acc = *out;  // a local copy stays in registers (f8 may alias x, so the caller's could not)
+    const uint32_t* row = w.row(o);
+    const S* alpha = w.alpha + o * w.groups;
+    auto at = [&](int64_t b, float ab, f8 (&acc_p)[RR]) {
+      int8_block<BITS, RR>(row + b * BITS, x + b * m * 32, d + b * m, xs + b * m, ab, acc_p, acc.corr);
+    };
+    // α of each block in turn (a group may span several)
+    BlockGroups groups(w.group, b0);
+    auto next_alpha = [&] { return scale_f32(alpha[groups.next()]); };
+    int64_t b = b0;
+    float ab[8];
+    for (; b + 8 <= b1; b += 8) {
+      // q 2 KB ahead of the blocks in hand (into the next row at the end of this one: a chunk's rows are
+      // contiguous): +10–15 % GEMV bandwidth on this machine over the hardware prefetcher alone.
+      for (int64_t w16 = 0; w16 < 8 * BITS; w16 += 16) prefetch(row + b * BITS + kPrefetchWords + w16);
+      for (int j = 0; j < 8; j++) ab[j] = next_alpha();
+      for (int j = 0; j < 8; j += P) {
+        at(b + j, ab[j], acc.v[0]);
+        if constexpr (P > 1) at(b + j + 1, ab[j + 1], acc.v[1]);
+        if constexpr (P > 2) {
+          at(b + j + 2, ab[j + 2], acc.v[2]);
+          at(b + j + 3, ab[j + 3], acc.v[3]);
+        }
       }
     }
+    for (; b < b1; b++) at(b, next_alpha(), acc.v[0]);
+    *out = acc;
   }
-  for (; b < blocks; b++) at(b, next_alpha(), acc[0]);
-  for (int r = 0; r < RR; r++) {
-    f8 t = acc[0][r];
-    for (int p = 1; p < P; p++) t = f8_add(t, acc[p][r]);
-    gemv_store(a, w, o, m0 + r, f8_sum(t) + corr[r], offset[r], hs, y);
+
+  void finish(int64_t, const Acc& acc, float (&res)[RR]) const {
+    for (int r = 0; r < RR; r++) {
+      f8 t = acc.v[0][r];
+      for (int p = 1; p < P; p++) t = f8_add(t, acc.v[p][r]);
+      res[r] = f8_sum(t) + acc.corr[r];
+    }
   }
-}
+};
 
 }  // namespace qalora::cpu_isa::QL_ISA_NS

@@ -29,72 +29,130 @@ inline std::vector<float> transpose_spans(const float* x, int64_t m, int64_t in)
   return xt;
 }
 
-/// Σ_i α_g(i)·q_i·x[r, i] for rows m0 .. m0+RR of x (as transpose_spans left it) against output row o; β·Σx
-/// and the adapter are added by the caller (gemv_store).
+/// Σ_i α_g(i)·q_i·x[r, i] for RR rows of x (as transpose_spans left it) against output rows of W, walked one
+/// range of 64-input spans at a time: Acc holds an output row's lane sums between ranges, so the caller may walk
+/// the inputs in slices (a slice of x stays in L1 across many output rows) and still get, bit for bit, what one
+/// walk over the row gives. β·Σx and the adapter are added by the caller (gemv_store).
 template <class S, int RR>
-void gemv_rows_q4(const QuantView<S>& w, int64_t o, int64_t m0, const float* xt, int64_t in, float (&res)[RR]) {
-  // Two product chains per row for one or two rows (the chain's latency, not the ports, bounds a single one).
-  constexpr int P = RR <= 2 ? 2 : 1;
-  const uint32_t* row = w.row(o);
-  const S* alpha = w.alpha + o * w.groups;
-  const int64_t blocks = in / 32, spans = blocks / 2;
+struct Q4Rows {
+  static constexpr int64_t kUnitMultiple = 1;  // units: 64-input spans (two 32-blocks)
+  static constexpr int64_t kUnitBytes = 64 * sizeof(float);  // of x, per row
+  static constexpr int kRows = RR;
+  // From three rows of x on, q is scaled by α once per 8 weights and two output rows go together: each load of
+  // x feeds both, and the 2·RR product chains (one per output row and row of x) keep both FMA ports busy. With
+  // α applied per span instead, a row's eight products form one chain whose latency bounds the pass (measured:
+  // half the FMA rate at four rows).
+  static constexpr bool kScaleQ = RR >= 3;
+  static constexpr int kOutRows = kScaleQ ? 2 : 1;
+  struct Acc {
+    f8 v[RR];
+  };
+  const QuantView<S>& w;
   const float* x[RR];
-  for (int r = 0; r < RR; r++) x[r] = xt + (m0 + r) * in;
-  if (m0 == 0) {  // α and β of a row 4 ahead: streams of their own, read once per row, that q's prefetch misses
+  int64_t in;
+  bool first_pass;  // rows m0 = 0 on: the pass that prefetches α and β
+
+  Q4Rows(const QuantView<S>& view, const float* xt, int64_t inputs, int64_t m0)
+      : w(view), in(inputs), first_pass(m0 == 0) {
+    for (int r = 0; r < RR; r++) x[r] = xt + (m0 + r) * in;
+  }
+  int64_t units() const { return in / 64; }
+
+  void begin(int64_t o, Acc& acc) const {
+    for (int r = 0; r < RR; r++) acc.v[r] = f8_zero();
+    if (!first_pass) return;
+    // α and β of a row 4 ahead: streams of their own, read once per row, that q's prefetch misses
     const int64_t ahead = std::min(o + 4, w.out - 1) * w.groups;
     for (int64_t byte = 0; byte < w.groups * (int64_t)sizeof(S); byte += 64) {
       prefetch(reinterpret_cast<const char*>(w.alpha + ahead) + byte);
       prefetch(reinterpret_cast<const char*>(w.beta + ahead) + byte);
     }
   }
-  f8 acc[RR];
-  for (int r = 0; r < RR; r++) acc[r] = f8_zero();
-  // fp32 α of groups [first, first + 8), refilled as the blocks move on
-  alignas(32) float ab[8];
-  int64_t first = -8;
-  BlockGroups groups(w.group);
-  for (int64_t p = 0; p < spans; p++) {
-    if ((p & 1) == 0) prefetch(row + 8 * p + kPrefetchWords);
-    const int64_t g0 = groups.next(), g1 = groups.next();
-    if (g1 >= first + 8) {
-      first = g0;
-      if (w.groups - first >= 8) f8_store(ab, f8_scales(alpha + first));
-      else for (int64_t k = first; k < w.groups; k++) ab[k - first] = scale_f32(alpha[k]);
+
+  /// Spans [p0, p1) of output rows o .. o+NW into out[0 .. NW).
+  template <int NW = 1>
+  void add(int64_t o, int64_t p0, int64_t p1, Acc* out) const {
+    static_assert(NW == 1 || kScaleQ, "two output rows at a time take α-scaled q");
+    Acc acc[NW];  // local copies stay in registers (f8 may alias x, so the caller's could not)
+    for (int n = 0; n < NW; n++) acc[n] = out[n];
+    // Two product chains per row of x for one or two rows (the chain's latency, not the ports, bounds one).
+    constexpr int P = 2;
+    const uint32_t* row[NW];
+    const S* alpha[NW];
+    for (int n = 0; n < NW; n++) {
+      row[n] = w.row(o + n);
+      alpha[n] = w.alpha + (o + n) * w.groups;
     }
-    const u8v v = u8_load(row + 8 * p);
-    f8 t[P][RR];
-    auto lane = [&](auto j_) {
-      constexpr int j = decltype(j_)::value;
-      // q·2^(4j) in place (an int32 below 2^28: exact as a float); the top nibble is shifted, its bit 31 would sign it
-      const f8 q = u8_to_f8(j < 7 ? u8_and(v, 15u << (4 * j)) : u8_shr_imm<28>(v));
-      for (int r = 0; r < RR; r++) {
-        const f8 xv = f8_load(x[r] + 64 * p + 8 * j);
-        t[j % P][r] = j < P ? f8_mul(q, xv) : f8_fma(q, xv, t[j % P][r]);
+    // fp32 α of groups [first, first + 8), refilled as the blocks move on
+    alignas(32) float ab[NW][8];
+    int64_t first = -8;
+    BlockGroups groups(w.group, 2 * p0);
+    for (int64_t p = p0; p < p1; p++) {
+      if ((p & 1) == 0)
+        for (int n = 0; n < NW; n++) prefetch(row[n] + 8 * p + kPrefetchWords);
+      const int64_t g0 = groups.next(), g1 = groups.next();
+      if (g1 >= first + 8) {
+        first = g0;
+        for (int n = 0; n < NW; n++) {
+          if (w.groups - first >= 8) f8_store(ab[n], f8_scales(alpha[n] + first));
+          else for (int64_t k = first; k < w.groups; k++) ab[n][k - first] = scale_f32(alpha[n][k]);
+        }
       }
-    };
-    lane(std::integral_constant<int, 0>{});
-    lane(std::integral_constant<int, 1>{});
-    lane(std::integral_constant<int, 2>{});
-    lane(std::integral_constant<int, 3>{});
-    lane(std::integral_constant<int, 4>{});
-    lane(std::integral_constant<int, 5>{});
-    lane(std::integral_constant<int, 6>{});
-    lane(std::integral_constant<int, 7>{});
-    const f8 av = f8_halves(ab + (g0 - first), ab + (g1 - first));
-    for (int r = 0; r < RR; r++) acc[r] = f8_fma(av, P > 1 ? f8_add(t[0][r], t[P - 1][r]) : t[0][r], acc[r]);
+      u8v v[NW];
+      f8 av[NW];
+      for (int n = 0; n < NW; n++) {
+        v[n] = u8_load(row[n] + 8 * p);
+        av[n] = f8_halves(ab[n] + (g0 - first), ab[n] + (g1 - first));
+      }
+      f8 t[P][RR];
+      auto lane = [&](auto j_) {
+        constexpr int j = decltype(j_)::value;
+        // q·2^(4j) in place (an int32 below 2^28: exact as a float); the top nibble is shifted, its bit 31 would sign it
+        auto q = [&](int n) { return u8_to_f8(j < 7 ? u8_and(v[n], 15u << (4 * j)) : u8_shr_imm<28>(v[n])); };
+        if constexpr (kScaleQ) {
+          f8 qa[NW];
+          for (int n = 0; n < NW; n++) qa[n] = f8_mul(q(n), av[n]);
+          for (int r = 0; r < RR; r++) {
+            const f8 xv = f8_load(x[r] + 64 * p + 8 * j);
+            for (int n = 0; n < NW; n++) acc[n].v[r] = f8_fma(qa[n], xv, acc[n].v[r]);
+          }
+        } else {
+          const f8 q0 = q(0);
+          for (int r = 0; r < RR; r++) {
+            const f8 xv = f8_load(x[r] + 64 * p + 8 * j);
+            t[j % P][r] = j < P ? f8_mul(q0, xv) : f8_fma(q0, xv, t[j % P][r]);
+          }
+        }
+      };
+      lane(std::integral_constant<int, 0>{});
+      lane(std::integral_constant<int, 1>{});
+      lane(std::integral_constant<int, 2>{});
+      lane(std::integral_constant<int, 3>{});
+      lane(std::integral_constant<int, 4>{});
+      lane(std::integral_constant<int, 5>{});
+      lane(std::integral_constant<int, 6>{});
+      lane(std::integral_constant<int, 7>{});
+      if constexpr (!kScaleQ)
+        for (int r = 0; r < RR; r++) acc[0].v[r] = f8_fma(av[0], f8_add(t[0][r], t[1][r]), acc[0].v[r]);
+    }
+    for (int n = 0; n < NW; n++) out[n] = acc[n];
   }
-  for (int r = 0; r < RR; r++) res[r] = f8_sum(acc[r]);
-  if (blocks % 2) {  // the odd last block, in input order
+
+  /// res[r]: the lane sums reduced, plus the odd last 32-block (in input order).
+  void finish(int64_t o, const Acc& acc, float (&res)[RR]) const {
+    for (int r = 0; r < RR; r++) res[r] = f8_sum(acc.v[r]);
+    const int64_t blocks = in / 32, spans = blocks / 2;
+    if (blocks % 2 == 0) return;
     const int64_t i = 64 * spans;
-    const float ak = scale_f32(alpha[groups.next()]);
+    const float ak = scale_f32(w.alpha[o * w.groups + BlockGroups(w.group, 2 * spans).next()]);
     f8 q[4];
-    unpack_block<4>(row + 8 * spans, q);
+    unpack_block<4>(w.row(o) + 8 * spans, q);
     for (int r = 0; r < RR; r++) {
       f8 t = f8_mul(q[0], f8_load(x[r] + i));
       for (int c = 1; c < 4; c++) t = f8_fma(q[c], f8_load(x[r] + i + 8 * c), t);
       res[r] += ak * f8_sum(t);
     }
   }
-}
+};
 
 }  // namespace qalora::cpu_isa::QL_ISA_NS

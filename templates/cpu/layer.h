@@ -80,6 +80,9 @@ struct OutF32 {
 template <int BITS, bool FAST, class S>
 struct QuantLayer {
   static constexpr int kGemvRowsPerPass = 4;
+  /// Output rows a GEMV pass walks together, and the bytes of x a slice of its inputs may take (L1 is 32 KB).
+  static constexpr int64_t kGemvTileRows = 16;
+  static constexpr int64_t kGemvSliceBytes = 16 << 10;
   using View = QuantView<S>;
 
   static View view(const SpecConsts& s, const LayerArgs& a) {
@@ -204,29 +207,34 @@ struct QuantLayer {
         if (!int8) xt = transpose_spans(xf.p, a.m, a.in);
       }
       // Up to kGemvRowsPerPass rows of x per pass over a row of W (8 with int8 activations, whose per-row
-      // registers are fewer), so its q is unpacked once for all of them; the row stays in L1 between passes.
+      // registers are fewer), so its q is unpacked once for all of them.
       const int64_t per_pass = int8 ? 8 : kGemvRowsPerPass;
-      auto pass = [&](auto rows, int64_t o, int64_t m0) {
+      auto pass = [&](auto rows, int64_t o0, int64_t o1, int64_t m0) {
         constexpr int RR = decltype(rows)::value;
         if constexpr (RR <= kGemvRowsPerPass) {
-          if (!int8) return gemv_rows<RR>(a, w, o, m0, FAST && BITS == 4 ? xt.data() : xf.p, sums, hs, yf.p);
+          if (!int8) {
+            if constexpr (FAST && BITS == 4) return gemv_tile(a, w, Q4Rows<S, RR>(w, xt.data(), a.in, m0), o0, o1, m0, sums, hs, yf.p);
+            for (int64_t o = o0; o < o1; o++) gemv_rows<RR>(a, w, o, m0, xf.p, sums, hs, yf.p);
+            return;
+          }
         }
-        if constexpr (FAST) gemv_rows_int8<BITS, S, RR>(a, w, o, m0, xq, sums, hs, yf.p);
+        if constexpr (FAST) gemv_tile(a, w, Int8Rows<BITS, S, RR>(w, xq, m0), o0, o1, m0, sums, hs, yf.p);
       };
       // Chunks of at least ~32k weights·rows, so a small layer does not pay for waking the pool.
       const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, a.in * a.m));
       cpu_rt::parallel_chunks(a.out, grain, [&](int64_t ob, int64_t oe) {
-        for (int64_t o = ob; o < oe; o++) {
+        for (int64_t o0 = ob; o0 < oe; o0 += kGemvTileRows) {
+          const int64_t o1 = std::min(oe, o0 + kGemvTileRows);
           for (int64_t m0 = 0; m0 < a.m; m0 += per_pass) {
             switch (std::min<int64_t>(per_pass, a.m - m0)) {
-              case 1: pass(std::integral_constant<int, 1>{}, o, m0); break;
-              case 2: pass(std::integral_constant<int, 2>{}, o, m0); break;
-              case 3: pass(std::integral_constant<int, 3>{}, o, m0); break;
-              case 4: pass(std::integral_constant<int, 4>{}, o, m0); break;
-              case 5: pass(std::integral_constant<int, 5>{}, o, m0); break;
-              case 6: pass(std::integral_constant<int, 6>{}, o, m0); break;
-              case 7: pass(std::integral_constant<int, 7>{}, o, m0); break;
-              default: pass(std::integral_constant<int, 8>{}, o, m0); break;
+              case 1: pass(std::integral_constant<int, 1>{}, o0, o1, m0); break;
+              case 2: pass(std::integral_constant<int, 2>{}, o0, o1, m0); break;
+              case 3: pass(std::integral_constant<int, 3>{}, o0, o1, m0); break;
+              case 4: pass(std::integral_constant<int, 4>{}, o0, o1, m0); break;
+              case 5: pass(std::integral_constant<int, 5>{}, o0, o1, m0); break;
+              case 6: pass(std::integral_constant<int, 6>{}, o0, o1, m0); break;
+              case 7: pass(std::integral_constant<int, 7>{}, o0, o1, m0); break;
+              default: pass(std::integral_constant<int, 8>{}, o0, o1, m0); break;
             }
           }
         }
@@ -243,15 +251,52 @@ struct QuantLayer {
     yf.finish();
   }
 
-  /// y[m0 .. m0+RR, o]: per group the q·x dots scaled by α, plus β·Σx and the adapter; W is never dequantized.
-  /// xf is x as this GEMV reads it: in input order, or (4 bits) as transpose_spans left it.
+  /// y[m0 .. m0+RR, o] for output rows [o0, o1) (at most kGemvTileRows), through a resumable walker (Q4Rows,
+  /// Int8Rows). From two rows of x on, the pass's rows are walked in slices that fit in L1 next to the tile's q,
+  /// so a slice is read from L2 once for the whole tile: 4–16 rows of x do not fit in L1 whole, and reading all
+  /// of them again for every output row made a batched decode wait on L2 (8 rows of 2048 inputs: 64 KB per
+  /// output row). Each output row's sums are carried between slices: the bits do not depend on the slicing.
+  template <class Rows, int RR = Rows::kRows>
+  static void gemv_tile(const LayerArgs& a, const View& w, const Rows& rows, int64_t o0, int64_t o1, int64_t m0,
+                        const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
+    typename Rows::Acc acc[kGemvTileRows];
+    const int64_t units = rows.units();
+    const int64_t fit = kGemvSliceBytes / (RR * Rows::kUnitBytes);
+    const int64_t slice = std::max<int64_t>(Rows::kUnitMultiple, fit / Rows::kUnitMultiple * Rows::kUnitMultiple);
+    auto store = [&](int64_t o, const typename Rows::Acc& done) {
+      float res[RR];
+      rows.finish(o, done, res);
+      for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], row_offset(w, o, m0 + r, sums), hs, y);
+    };
+    constexpr int NW = Rows::kOutRows;
+    // Output rows [ob, oe) over units [u0, u1): NW rows at a time where the walker takes them.
+    auto walk = [&](int64_t ob, int64_t oe, int64_t u0, int64_t u1) {
+      int64_t o = ob;
+      for (; o + NW <= oe; o += NW) rows.template add<NW>(o, u0, u1, acc + (o - o0));
+      for (; o < oe; o++) rows.template add<1>(o, u0, u1, acc + (o - o0));
+    };
+    if (RR == 1 || slice >= units) {  // x fits (one row's reuse is within the row): a row (or pair) at a time
+      for (int64_t o = o0; o < o1; o += NW) {
+        const int64_t oe = std::min(o1, o + NW);
+        for (int64_t k = o; k < oe; k++) rows.begin(k, acc[k - o0]);
+        walk(o, oe, 0, units);
+        for (int64_t k = o; k < oe; k++) store(k, acc[k - o0]);
+      }
+      return;
+    }
+    for (int64_t o = o0; o < o1; o++) rows.begin(o, acc[o - o0]);
+    for (int64_t u0 = 0; u0 < units; u0 += slice) walk(o0, o1, u0, std::min(units, u0 + slice));
+    for (int64_t o = o0; o < o1; o++) store(o, acc[o - o0]);
+  }
+
+  /// y[m0 .. m0+RR, o] for the widths gemv_q4.h and the int8 GEMV do not take: per group the q·x dots scaled by
+  /// α, plus β·Σx and the adapter; W is never dequantized.
   template <int RR>
   static void gemv_rows(const LayerArgs& a, const View& w, int64_t o, int64_t m0, const float* xf,
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
     float res[RR], offset[RR];
     for (int r = 0; r < RR; r++) offset[r] = row_offset(w, o, m0 + r, sums);
-    if constexpr (FAST && BITS == 4) gemv_rows_q4<S, RR>(w, o, m0, xf, a.in, res);
-    else gemv_dots<RR>(w, o, xf + m0 * a.in, a.in, res);
+    gemv_dots<RR>(w, o, xf + m0 * a.in, a.in, res);
     for (int r = 0; r < RR; r++) gemv_store(a, w, o, m0 + r, res[r], offset[r], hs, y);
   }
 
