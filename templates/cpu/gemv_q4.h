@@ -35,7 +35,7 @@ inline std::vector<float> transpose_spans(const float* x, int64_t m, int64_t in)
 /// walk over the row gives. β·Σx and the adapter are added by the caller (gemv_store).
 template <class S, int RR>
 struct Q4Rows {
-  static constexpr int64_t kUnitMultiple = 1;  // units: 64-input spans (two 32-blocks)
+  static constexpr bool kSlices = true;  // units: 64-input spans (two 32-blocks)
   static constexpr int64_t kUnitBytes = 64 * sizeof(float);  // of x, per row
   static constexpr int kRows = RR;
   // From three rows of x on, q is scaled by α once per 8 weights and two output rows go together: each load of
@@ -73,8 +73,10 @@ struct Q4Rows {
   template <int NW = 1>
   void add(int64_t o, int64_t p0, int64_t p1, Acc* out) const {
     static_assert(NW == 1 || kScaleQ, "two output rows at a time take α-scaled q");
-    Acc acc[NW];  // local copies stay in registers (f8 may alias x, so the caller's could not)
-    for (int n = 0; n < NW; n++) acc[n] = out[n];
+    Acc acc[NW];  // local copies stay in registers (f8 may alias x, so the caller's could not); by element,
+    // since a struct copy may become `rep movsq`
+    for (int n = 0; n < NW; n++)
+      for (int r = 0; r < RR; r++) acc[n].v[r] = out[n].v[r];
     // Two product chains per row of x for one or two rows (the chain's latency, not the ports, bounds one).
     constexpr int P = 2;
     const uint32_t* row[NW];
@@ -135,7 +137,8 @@ struct Q4Rows {
       if constexpr (!kScaleQ)
         for (int r = 0; r < RR; r++) acc[0].v[r] = f8_fma(av[0], f8_add(t[0][r], t[1][r]), acc[0].v[r]);
     }
-    for (int n = 0; n < NW; n++) out[n] = acc[n];
+    for (int n = 0; n < NW; n++)
+      for (int r = 0; r < RR; r++) out[n].v[r] = acc[n].v[r];
   }
 
   /// res[r]: the lane sums reduced, plus the odd last 32-block (in input order).

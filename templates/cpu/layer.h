@@ -252,7 +252,7 @@ struct QuantLayer {
   }
 
   /// y[m0 .. m0+RR, o] for output rows [o0, o1) (at most kGemvTileRows), through a resumable walker (Q4Rows,
-  /// Int8Rows). From two rows of x on, the pass's rows are walked in slices that fit in L1 next to the tile's q,
+  /// Int8Rows). From two rows of x on, Q4Rows' rows are walked in slices that fit in L1 next to the tile's q,
   /// so a slice is read from L2 once for the whole tile: 4–16 rows of x do not fit in L1 whole, and reading all
   /// of them again for every output row made a batched decode wait on L2 (8 rows of 2048 inputs: 64 KB per
   /// output row). Each output row's sums are carried between slices: the bits do not depend on the slicing.
@@ -261,8 +261,8 @@ struct QuantLayer {
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
     typename Rows::Acc acc[kGemvTileRows];
     const int64_t units = rows.units();
-    const int64_t fit = kGemvSliceBytes / (RR * Rows::kUnitBytes);
-    const int64_t slice = std::max<int64_t>(Rows::kUnitMultiple, fit / Rows::kUnitMultiple * Rows::kUnitMultiple);
+    int64_t slice = units;
+    if constexpr (Rows::kSlices) slice = std::max<int64_t>(1, kGemvSliceBytes / (RR * Rows::kUnitBytes));
     auto store = [&](int64_t o, const typename Rows::Acc& done) {
       float res[RR];
       rows.finish(o, done, res);
