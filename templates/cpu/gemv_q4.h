@@ -38,12 +38,13 @@ struct Q4Rows {
   static constexpr bool kSlices = true;  // units: 64-input spans (two 32-blocks)
   static constexpr int64_t kUnitBytes = 64 * sizeof(float);  // of x, per row
   static constexpr int kRows = RR;
-  // From three rows of x on, q is scaled by α once per 8 weights and two output rows go together: each load of
-  // x feeds both, and the 2·RR product chains (one per output row and row of x) keep both FMA ports busy. With
-  // α applied per span instead, a row's eight products form one chain whose latency bounds the pass (measured:
-  // half the FMA rate at four rows).
+  // From three rows of x on, q is scaled by α once per 8 weights, and each row of x sums its products in one
+  // chain: with α applied per span instead, a row's products need two chains to hide their latency, and two
+  // chains for three or four rows do not fit the 16 registers (measured: half the FMA rate at four rows).
   static constexpr bool kScaleQ = RR >= 3;
-  static constexpr int kOutRows = kScaleQ ? 2 : 1;
+  // Output rows walked together: each load of x feeds both, and there are twice the chains in flight. Two rows
+  // of x would need more registers than there are.
+  static constexpr int kOutRows = RR == 2 ? 1 : 2;
   struct Acc {
     f8 v[RR];
   };
@@ -72,7 +73,7 @@ struct Q4Rows {
   /// Spans [p0, p1) of output rows o .. o+NW into out[0 .. NW).
   template <int NW = 1>
   void add(int64_t o, int64_t p0, int64_t p1, Acc* out) const {
-    static_assert(NW == 1 || kScaleQ, "two output rows at a time take α-scaled q");
+
     Acc acc[NW];  // local copies stay in registers (f8 may alias x, so the caller's could not); by element,
     // since a struct copy may become `rep movsq`
     for (int n = 0; n < NW; n++)
@@ -106,7 +107,7 @@ struct Q4Rows {
         v[n] = u8_load(row[n] + 8 * p);
         av[n] = f8_halves(ab[n] + (g0 - first), ab[n] + (g1 - first));
       }
-      f8 t[P][RR];
+      f8 t[NW][P][RR];
       auto lane = [&](auto j_) {
         constexpr int j = decltype(j_)::value;
         // q·2^(4j) in place (an int32 below 2^28: exact as a float); the top nibble is shifted, its bit 31 would sign it
@@ -119,10 +120,11 @@ struct Q4Rows {
             for (int n = 0; n < NW; n++) acc[n].v[r] = f8_fma(qa[n], xv, acc[n].v[r]);
           }
         } else {
-          const f8 q0 = q(0);
+          f8 qn[NW];
+          for (int n = 0; n < NW; n++) qn[n] = q(n);
           for (int r = 0; r < RR; r++) {
             const f8 xv = f8_load(x[r] + 64 * p + 8 * j);
-            t[j % P][r] = j < P ? f8_mul(q0, xv) : f8_fma(q0, xv, t[j % P][r]);
+            for (int n = 0; n < NW; n++) t[n][j % P][r] = j < P ? f8_mul(qn[n], xv) : f8_fma(qn[n], xv, t[n][j % P][r]);
           }
         }
       };
@@ -135,7 +137,8 @@ struct Q4Rows {
       lane(std::integral_constant<int, 6>{});
       lane(std::integral_constant<int, 7>{});
       if constexpr (!kScaleQ)
-        for (int r = 0; r < RR; r++) acc[0].v[r] = f8_fma(av[0], f8_add(t[0][r], t[1][r]), acc[0].v[r]);
+        for (int n = 0; n < NW; n++)
+          for (int r = 0; r < RR; r++) acc[n].v[r] = f8_fma(av[n], f8_add(t[n][0][r], t[n][1][r]), acc[n].v[r]);
     }
     for (int n = 0; n < NW; n++)
       for (int r = 0; r < RR; r++) out[n].v[r] = acc[n].v[r];
