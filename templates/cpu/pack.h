@@ -129,6 +129,46 @@ inline void for_each_block(const QuantView<S>& w, int64_t i0, int64_t n, Body&& 
   for (int64_t i = i0; i < i0 + n; i += 32) body(i, groups.next());
 }
 
+/// Ŵ[o .. o+8, i] for i in [i0, i0 + 64t) into dst[(i − i0)·NR + r], 4 bits: each row's eight words (64 inputs)
+/// are loaded once and transposed as integers, so word t of all eight rows is one vector and its nibble j is
+/// input 8t + j of rows o .. o+7, in the slice's layout: no float transposes, one shift, mask and convert per
+/// 8 weights. The same α·q + β per weight as dequant_block, so the panel's bits do not change. Returns the inputs
+/// it packed (whole 64-input spans).
+template <class S>
+inline int64_t pack_rows8_q4(const QuantView<S>& w, int64_t o, int64_t i0, int64_t n, float* dst) {
+  const int64_t spans = n / 64;
+  BlockGroups groups(w.group, i0 / 32);
+  alignas(32) float a8[8], b8[8];
+  f8 av = f8_zero(), bv = f8_zero();
+  for (int64_t p = 0; p < spans; p++) {
+    const int64_t i = i0 + 64 * p;
+    u8v words[8];
+    for (int r = 0; r < 8; r++) words[r] = u8_load(w.row(o + r) + i / 8);
+    u8_transpose8(words);
+    for (int t = 0; t < 8; t++) {
+      if (t % 4 == 0) {  // a new 32-block: its group's α and β for the eight rows
+        const int64_t g = groups.next();
+        for (int r = 0; r < 8; r++) {
+          a8[r] = w.a((o + r) * w.groups + g);
+          b8[r] = w.b((o + r) * w.groups + g);
+        }
+        av = f8_load(a8);
+        bv = f8_load(b8);
+      }
+      float* out = dst + (64 * p + 8 * t) * NR;
+      f8_store(out, f8_fma(u8_to_f8(u8_and(words[t], 15u)), av, bv));
+      f8_store(out + 1 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<4>(words[t]), 15u)), av, bv));
+      f8_store(out + 2 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<8>(words[t]), 15u)), av, bv));
+      f8_store(out + 3 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<12>(words[t]), 15u)), av, bv));
+      f8_store(out + 4 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<16>(words[t]), 15u)), av, bv));
+      f8_store(out + 5 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<20>(words[t]), 15u)), av, bv));
+      f8_store(out + 6 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<24>(words[t]), 15u)), av, bv));
+      f8_store(out + 7 * NR, f8_fma(u8_to_f8(u8_shr_imm<28>(words[t])), av, bv));
+    }
+  }
+  return 64 * spans;
+}
+
 /// Forward: B(k, n) = Ŵ[n, k], so each output row o fills one column of a [kc][NR] slice.
 /// FAST (group a multiple of 32) needs k0 and kc to be multiples of 32; the caller's blocking guarantees it.
 template <int BITS, bool FAST, class S>
@@ -141,7 +181,10 @@ void pack_w_transposed(const void* ctx, int64_t k0, int64_t kc, int64_t n0, int6
       // rows into the slice's rows of eight consecutive columns (one store each, not 32 scattered floats).
       if (j + NR <= nc) {
         for (int half = 0; half < NR; half += 8) {
-          for_each_block(w, k0, kc, [&](int64_t i, int64_t g) {
+          int64_t done = 0;
+          if constexpr (BITS == 4) done = pack_rows8_q4(w, n0 + j + half, k0, kc, slice + half);
+          // the rest (all of it below 4 bits; a trailing 32-block at 4): a block at a time, through float transposes
+          for_each_block(w, k0 + done, kc - done, [&](int64_t i, int64_t g) {
             f8 rows[4][8];
             for (int r = 0; r < 8; r++) {
               f8 v[4];

@@ -72,6 +72,13 @@ inline void f8_transpose8(f8 r[8]) {
     r[i + 4].v = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
 }
+/// The same on 32-bit integer lanes (bit-exact shuffles): word t of eight rows' loads becomes vector t.
+inline void u8_transpose8(u8v r[8]) {
+  f8 f[8];
+  for (int i = 0; i < 8; i++) f[i].v = _mm256_castsi256_ps(r[i].v);
+  f8_transpose8(f);
+  for (int i = 0; i < 8; i++) r[i].v = _mm256_castps_si256(f[i].v);
+}
 /// bf16 is the top half of an fp32: widened by a shift.
 inline f8 f8_from_bf16(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16))};
@@ -142,6 +149,10 @@ inline void f8_store_first(float* p, f8 a) {
   for (int l = 0; l < N; l++) p[l] = a.v[l];
 }
 inline void f8_transpose8(f8 r[8]) {
+  for (int i = 0; i < 8; i++)
+    for (int j = i + 1; j < 8; j++) std::swap(r[i].v[j], r[j].v[i]);
+}
+inline void u8_transpose8(u8v r[8]) {
   for (int i = 0; i < 8; i++)
     for (int j = i + 1; j < 8; j++) std::swap(r[i].v[j], r[j].v[i]);
 }
