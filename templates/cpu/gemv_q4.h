@@ -35,7 +35,7 @@ inline std::vector<float> transpose_spans(const float* x, int64_t m, int64_t in)
 /// walk over the row gives. β·Σx and the adapter are added by the caller (gemv_store).
 template <class S, int RR>
 struct Q4Rows {
-  static constexpr bool kSlices = true;  // units: 64-input spans (two 32-blocks)
+  static constexpr bool kSlices = true;
   static constexpr int64_t kUnitBytes = 64 * sizeof(float);  // of x, per row
   static constexpr int kRows = RR;
   // From three rows of x on, q is scaled by α once per 8 weights, and each row of x sums its products in one
@@ -57,7 +57,7 @@ struct Q4Rows {
       : w(view), in(inputs), first_pass(m0 == 0) {
     for (int r = 0; r < RR; r++) x[r] = xt + (m0 + r) * in;
   }
-  int64_t units() const { return in / 64; }
+  int64_t units() const { return in / 64; }  // whole 64-input spans (two 32-blocks); an odd block is finish()'s
 
   void begin(int64_t o, Acc& acc) const {
     for (int r = 0; r < RR; r++) acc.v[r] = f8_zero();
