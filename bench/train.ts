@@ -3,13 +3,16 @@
 // seven projections, no dropout, AdamW on the adapters — at the same thread count, sequence and batch, plus
 // `qalora train --profile`'s per-op breakdown of qalora's step.
 //
-//   npx tsx bench/train.ts [--threads 2] [--steps 4] [--seq 256] [--batch 4] [--settle 30] [--json]
+//   npx tsx bench/train.ts [--threads 2] [--steps 4] [--rounds 3] [--seq 256] [--batch 4] [--settle 30] [--json]
 //
 // PyTorch is Debian's python3-torch 1.13 with libopenblas0-pthread (without it torch runs a reference BLAS, 11×
 // slower): installed here when missing (apt-get, as root) — the benchmark's own dependency, not CI's. Both sides
 // time `steps` steps after one warm-up step and report the median (torch_qalora.py's own rule). qalora's model is
 // bench/synthetic-gguf.ts's `small` file (Q4_1 blocks = the 4-bit g32 base exactly); PyTorch draws its weights
 // itself and holds the base dequantized in fp32 (its classifier and embedding are fp32; ours are the file's Q4_1).
+// The two sides alternate, `rounds` times (qalora, PyTorch, qalora, …), and each round's ratio is taken from its own
+// pair: on a shared machine either side's step moves by a third between minutes (this one: PyTorch 4.1–5.6 s,
+// qalora 1.8–2.8 s on the same code), so a ratio of two runs minutes apart measures the machine.
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
@@ -22,6 +25,7 @@ const { values: o } = parseArgs({
   options: {
     threads: { type: 'string', default: '2' },
     steps: { type: 'string', default: '4' },
+    rounds: { type: 'string', default: '3' },
     seq: { type: 'string', default: '256' },
     batch: { type: 'string', default: '4' },
     rank: { type: 'string', default: '16' },
@@ -32,7 +36,7 @@ const { values: o } = parseArgs({
   },
 });
 const threads = Number(o.threads), steps = Number(o.steps), seq = Number(o.seq), batch = Number(o.batch), rank = Number(o.rank);
-const settle = Number(o.settle);
+const settle = Number(o.settle), rounds = Number(o.rounds);
 const log = (s: string) => process.stderr.write(s + '\n');
 const PYTHON = '/usr/bin/python3';
 
@@ -120,19 +124,30 @@ const warm = await runChild([process.execPath, 'bin/qalora.mjs', 'train', '--mod
 rmSync(warmDir, { recursive: true, force: true });
 if (warm.code !== 0) throw childFailed(warm, 'qalora warm-up');
 
-const loadQ = await quietMoment(`qalora train, ${threads} thread(s)`, settle);
-const ours = await runQalora(file, spec);
-const loadT = await quietMoment(`PyTorch, ${threads} thread(s)`, settle);
-const torch = await runTorch();
+interface Round { qalora: QaloraResult & { load: number[] }; pytorch: TorchResult & { load: number[] }; ratio: number }
+const done: Round[] = [];
+for (let i = 0; i < rounds; i++) {
+  const loadQ = await quietMoment(`qalora train, ${threads} thread(s), round ${i + 1} of ${rounds}`, settle);
+  const ours = await runQalora(file, spec);
+  const loadT = await quietMoment(`PyTorch, ${threads} thread(s), round ${i + 1} of ${rounds}`, settle);
+  const torch = await runTorch();
+  done.push({ qalora: { ...ours, load: loadQ }, pytorch: { ...torch, load: loadT }, ratio: ours.tokS / torch.train_tok_s });
+}
+const byRatio = [...done].sort((a, b) => a.ratio - b.ratio);
+const mid = byRatio[Math.floor(byRatio.length / 2)];
 
-const report = { threads, steps, seq, batch, rank, qalora: { ...ours, load: loadQ }, pytorch: { ...torch, load: loadT } };
+const report = { threads, steps, seq, batch, rank, rounds: done, medianRatio: mid.ratio };
 if (o.json) {
   process.stdout.write(JSON.stringify(report, null, 2) + '\n');
 } else {
+  const engine = done[0].pytorch.engine;
+  const rows = done.map((r, i) =>
+    `| ${i + 1} | ${r.pytorch.step_s_median.toFixed(3)} | ${r.qalora.stepSecondsMedian.toFixed(3)} | ${r.pytorch.train_tok_s.toFixed(1)} | ` +
+    `${r.qalora.tokS.toFixed(1)} | ${r.ratio.toFixed(2)}× | ${loadLabel(r.pytorch.load)} / ${loadLabel(r.qalora.load)} |`);
   process.stdout.write(`\n## fine-tuning, shape small (${relative(ROOT, file)}), ${threads} thread(s), ${batch} × ${seq} tokens per step, rank ${rank}\n\n` +
-    `| | ${torch.engine} | qalora | qalora / PyTorch |\n|---|---:|---:|---:|\n` +
-    `| step (s, median of ${steps} after a warm-up) | ${torch.step_s_median.toFixed(3)} | ${ours.stepSecondsMedian.toFixed(3)} | |\n` +
-    `| train tokens/s | ${torch.train_tok_s.toFixed(1)} | ${ours.tokS.toFixed(1)} | ${(ours.tokS / torch.train_tok_s).toFixed(2)}× |\n` +
-    `| load average before (1 min) | ${loadLabel(loadT)} | ${loadLabel(loadQ)} | |\n\n` +
-    `qalora's step, \`qalora train --profile\`:\n\n${profileTable(ours.profile)}\n`);
+    `Steps: the median of ${steps} after a warm-up, per side and round; the sides alternate, qalora first.\n\n` +
+    `| round | ${engine} step (s) | qalora step (s) | ${engine} tokens/s | qalora tokens/s | qalora / PyTorch | load average before (PyTorch / qalora) |\n` +
+    `|---:|---:|---:|---:|---:|---:|---|\n${rows.join('\n')}\n\n` +
+    `**qalora / PyTorch, median of ${done.length} rounds: ${mid.ratio.toFixed(2)}×** (rounds ${byRatio[0].ratio.toFixed(2)}–${byRatio[byRatio.length - 1].ratio.toFixed(2)}×)\n\n` +
+    `qalora's step in the median round, \`qalora train --profile\`:\n\n${profileTable(mid.qalora.profile)}\n`);
 }
