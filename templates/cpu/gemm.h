@@ -146,9 +146,13 @@ inline void pack_a(const Strided& a, int64_t m0, int64_t mc, int64_t k0, int64_t
   }
 }
 
-inline std::vector<float>& scratch(int which) {
-  thread_local std::vector<float> buffers[4];
-  return buffers[which];
+/// A thread's packing buffers, kept between calls so a steady state allocates nothing.
+struct GemmScratch {
+  std::vector<float> panel, apack, tail_b, tail_a;
+};
+inline GemmScratch& scratch() {
+  thread_local GemmScratch buffers;
+  return buffers;
 }
 
 /// All of A packed once, before the tasks split N: [K blocks of kc][M padded to MR][kc][MR] — the MR-row slice
@@ -222,10 +226,7 @@ struct GemmTail {
     const int64_t n0 = (t % n_tasks_n) * nc, ncur = std::min(nc, N - n0);
     const int64_t mb = (t / n_tasks_n) * rows_per_task, me = std::min(M, mb + rows_per_task);
     if (mb >= me) return;
-    std::vector<float>& panel = scratch(0);
-    std::vector<float>& apack = scratch(1);
-    std::vector<float>& tail_b = scratch(2);
-    std::vector<float>& tail_a = scratch(3);
+    auto& [panel, apack, tail_b, tail_a] = scratch();
     const int64_t slices = (ncur + NR - 1) / NR;
     panel.resize((size_t)(kc * slices * NR));
     if (!shared_a) apack.resize((size_t)(mc * kc));

@@ -73,7 +73,6 @@ struct Q4Rows {
   /// Spans [p0, p1) of output rows o .. o+NW into out[0 .. NW).
   template <int NW = 1>
   void add(int64_t o, int64_t p0, int64_t p1, Acc* out) const {
-
     Acc acc[NW];  // local copies stay in registers (f8 may alias x, so the caller's could not); by element,
     // since a struct copy may become `rep movsq`
     for (int n = 0; n < NW; n++)

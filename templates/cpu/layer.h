@@ -261,8 +261,9 @@ struct QuantLayer {
                         const std::vector<float>& sums, const std::vector<float>& hs, float* y) {
     typename Rows::Acc acc[kGemvTileRows];
     const int64_t units = rows.units();
+    // One row of x is reused only within its own row, so it is never sliced.
     int64_t slice = units;
-    if constexpr (Rows::kSlices) slice = std::max<int64_t>(1, kGemvSliceBytes / (RR * Rows::kUnitBytes));
+    if constexpr (Rows::kSlices && RR > 1) slice = std::max<int64_t>(1, kGemvSliceBytes / (RR * Rows::kUnitBytes));
     auto store = [&](int64_t o, const typename Rows::Acc& done) {
       float res[RR];
       rows.finish(o, done, res);
@@ -275,7 +276,7 @@ struct QuantLayer {
       for (; o + NW <= oe; o += NW) rows.template add<NW>(o, u0, u1, acc + (o - o0));
       for (; o < oe; o++) rows.template add<1>(o, u0, u1, acc + (o - o0));
     };
-    if (RR == 1 || slice >= units) {  // x fits (one row's reuse is within the row): a row (or pair) at a time
+    if (slice >= units) {  // x fits: a row (or pair) at a time
       for (int64_t o = o0; o < o1; o += NW) {
         const int64_t oe = std::min(o1, o + NW);
         for (int64_t k = o; k < oe; k++) rows.begin(k, acc[k - o0]);
