@@ -1,13 +1,16 @@
 // Stage 5: generated/<spec>/ → build/Release/qalora_<spec>.node with cmake-js. Cached by content: the hash of
 // every generated file, the toolchain versions and the configure flags; when it matches the last successful
 // build and the .node exists, nothing runs. A lock folder (atomic mkdir) makes concurrent builders of the
-// same folder — parallel vitest workers — wait for one another instead of racing.
+// same folder — parallel vitest workers — wait for one another instead of racing. What every spec compiles alike
+// (shared/CMakeLists.txt: the core ops, the thread pool, the emulator's runtime) is built once per content into
+// generated/cache/shared-<hash>/ and linked whole into each addon, so a spec costs only its own kernels.
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { hostname } from 'node:os';
-import { join, relative, resolve } from 'node:path';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { AsyncLocalStorage } from 'node:async_hooks';
 
 export interface BuildOptions {
@@ -19,6 +22,9 @@ export interface BuildOptions {
   onOutput?: (line: string) => void;
   /** Give up waiting for another builder's lock after this long. */
   lockTimeoutMs?: number;
+  /** Where the shared libraries are built once per content (default generated/cache, or QALORA_SHARED_CACHE);
+   * false compiles their sources into the addon itself, as a plain cmake-js build of the folder does. */
+  sharedCache?: string | false;
 }
 
 export interface BuildResult {
@@ -27,6 +33,8 @@ export interface BuildResult {
   cached: boolean;
   hash: string;
   ms: number;
+  /** The shared-library folder this build linked (null: none, or compiled in; undefined when cached). */
+  shared?: { dir: string; cached: boolean } | null;
 }
 
 export class BuildError extends Error {
@@ -39,6 +47,9 @@ export class BuildError extends Error {
     this.name = 'BuildError';
   }
 }
+
+export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+export const generatedRoot = join(repoRoot, 'generated');
 
 const STAMP = 'qalora-build.json';
 const cmakeJsBin = createRequire(import.meta.url).resolve('cmake-js/bin/cmake-js');
@@ -210,6 +221,52 @@ export function errorLines(log: string): string[] {
   return (hits.length ? hits : lines.slice(-30)).slice(0, 60);
 }
 
+/** The libraries of shared/CMakeLists.txt, as the cmake -D definitions that hand their archives to the addon. */
+async function buildShared(dir: string, opts: BuildOptions): Promise<{ defs: string[]; shared: BuildResult['shared'] }> {
+  const inputs = join(dir, 'shared', 'inputs.json');
+  if (opts.sharedCache === false || !existsSync(inputs)) return { defs: [], shared: null };
+  const src = (JSON.parse(readFileSync(inputs, 'utf8')) as { src: string[] }).src;
+  const files = new Map<string, Buffer>([
+    ['CMakeLists.txt', readFileSync(join(dir, 'shared', 'CMakeLists.txt'))],
+    ['qalora.cmake', readFileSync(join(dir, 'qalora.cmake'))],
+    ...src.map((f): [string, Buffer] => [`src/${f}`, readFileSync(join(dir, 'src', f))]),
+  ]);
+  const h = createHash('sha256').update(toolchainFingerprint());
+  for (const [rel, content] of files) h.update(rel).update('\0').update(content).update('\0');
+  const hash = h.digest('hex');
+  const shared = join(opts.sharedCache ?? process.env.QALORA_SHARED_CACHE ?? join(generatedRoot, 'cache'), `shared-${hash.slice(0, 16)}`);
+  try {
+    mkdirSync(shared, { recursive: true });
+  } catch {
+    return { defs: [], shared: null }; // a read-only install: the addon compiles the sources itself
+  }
+  const archives = () =>
+    ['cpu', 'emu']
+      .map((lib) => ({ lib, path: join(shared, 'build', `libqalora_shared_${lib}.a`) }))
+      .filter((a) => existsSync(a.path))
+      .map((a) => `--CDQALORA_SHARED_${a.lib.toUpperCase()}=${a.path}`);
+  if (readStamp(shared)?.hash === hash) return { defs: archives(), shared: { dir: shared, cached: true } };
+  return withBuildLock(shared, opts.lockTimeoutMs ?? 30 * 60_000, async () => {
+    if (readStamp(shared)?.hash === hash) return { defs: archives(), shared: { dir: shared, cached: true } };
+    for (const [rel, content] of files) {
+      mkdirSync(dirname(join(shared, rel)), { recursive: true });
+      writeFileSync(join(shared, rel), content);
+    }
+    writeFileSync(join(shared, 'package.json'), JSON.stringify({ name: 'qalora_shared', private: true, binary: { napi_versions: [8] } }, null, 2) + '\n');
+    const out = join(shared, 'build');
+    rmSync(join(out, STAMP), { force: true });
+    const common = ['--directory', shared, '--out', out, '--log-level', 'warn'];
+    for (const step of [['configure', ...common], ['build', ...common, '--parallel', String(opts.jobs ?? 2)]]) {
+      const r = await runCmakeJs(step, opts.onOutput);
+      // The diagnostics name the spec folder's files, of which the shared folder holds copies.
+      const lines = errorLines(r.log).map((l) => l.split(`${shared}/src/`).join(`${dir}/src/`));
+      if (r.code !== 0) throw new BuildError(`build failed in ${dir} (its shared libraries, in ${shared}):\n${lines.join('\n')}`, r.log);
+    }
+    writeFileSync(join(out, STAMP), JSON.stringify({ hash, configure: '', builtAt: new Date().toISOString() }, null, 2));
+    return { defs: archives(), shared: { dir: shared, cached: false } };
+  });
+}
+
 export async function buildAddon(dir: string, options: BuildOptions = {}): Promise<BuildResult> {
   const start = Date.now();
   // Without CUDA sources the flag changes nothing, so it must not change the cache key either.
@@ -233,9 +290,11 @@ export async function buildAddon(dir: string, options: BuildOptions = {}): Promi
     const now = fresh(); // another builder may have finished while we waited
     if (now.hit) return { addonPath, cached: true, hash: now.hash, ms: Date.now() - start };
     const out = join(dir, 'build');
-    const configure = `noCuda=${!!opts.noCuda}`;
+    const { defs, shared } = await buildShared(dir, opts);
+    const configure = [`noCuda=${!!opts.noCuda}`, ...defs].join(' ');
     const common = ['--directory', dir, '--out', out, '--log-level', 'warn'];
-    const cacheDefs = [`--CDQALORA_NO_CUDA=${opts.noCuda ? 'ON' : 'OFF'}`];
+    // An unset archive variable is written empty, so a build that stops linking one compiles its sources again.
+    const cacheDefs = [`--CDQALORA_NO_CUDA=${opts.noCuda ? 'ON' : 'OFF'}`, ...['CPU', 'EMU'].map((l) => defs.find((d) => d.startsWith(`--CDQALORA_SHARED_${l}=`)) ?? `--CDQALORA_SHARED_${l}=`)];
     // Configure explicitly when there is no cache yet or the flags changed; cmake re-runs itself on a
     // changed CMakeLists.txt, so other edits need only `build`.
     if (readStamp(dir)?.configure !== configure || !existsSync(join(out, 'CMakeCache.txt'))) {
@@ -247,6 +306,6 @@ export async function buildAddon(dir: string, options: BuildOptions = {}): Promi
     if (r.code !== 0 || !existsSync(addonPath))
       throw new BuildError(`build failed in ${dir}:\n${errorLines(r.log).join('\n')}`, r.log);
     writeFileSync(join(out, STAMP), JSON.stringify({ hash: now.hash, configure, addon: addonPath, builtAt: new Date().toISOString() }, null, 2));
-    return { addonPath, cached: false, hash: now.hash, ms: Date.now() - start };
+    return { addonPath, cached: false, hash: now.hash, ms: Date.now() - start, shared };
   });
 }

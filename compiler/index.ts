@@ -6,7 +6,7 @@ import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
 import { emitBindings } from './bindings.ts';
-import { buildAddon, withBuildLock, type BuildOptions, type BuildResult } from './build.ts';
+import { buildAddon, generatedRoot, withBuildLock, type BuildOptions, type BuildResult } from './build.ts';
 import type { KernelPlan } from './ir.ts';
 import { buildManifest, type Manifest } from './manifest.ts';
 import { compilerVersion, planSpec } from './plan.ts';
@@ -26,8 +26,7 @@ export async function compileAndBuild(spec: ResolvedSpec, outDir: string, opts: 
   });
 }
 
-export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
-export const generatedRoot = join(repoRoot, 'generated');
+export { repoRoot, generatedRoot } from './build.ts';
 
 export function defaultOutDir(spec: ResolvedSpec): string {
   return join(generatedRoot, spec.name);

@@ -20,6 +20,8 @@ const napiInclude = existsSync(napiPath) ? realpathSync(napiPath) : napiPath;
 export interface RenderedFile {
   path: string;
   content: string;
+  /** Copied unchanged from the templates (not rendered from a .njk): the same for every spec. */
+  verbatim?: boolean;
 }
 
 export interface RenderOptions {
@@ -36,12 +38,12 @@ const hasCuda = (p: KernelPlan) => p.spec.targets.cuda !== null;
 /** What the kernel sources turned out to be; the addon and cmake renderers are built from it. */
 interface SourceLayout {
   files: RenderedFile[];
+  /** Paths under src/: the sources rendered for this spec, and the verbatim ones every spec compiles alike. */
   cpuSources: string[];
-  coreSources: string[];
+  sharedCpuSources: string[];
   cudaSources: string[];
   emuSources: string[];
-  emuHeader: string | null;
-  emuWrappers: string[];
+  sharedEmuSources: string[];
   backends: Array<{ name: Backend; specializations: Specialization[] }>;
   ops: OpDescriptor[];
 }
@@ -94,17 +96,15 @@ const cmakeTarget: TargetRenderer = {
       target: targetName(plan),
       napiInclude,
       cpuSources: l.cpuSources,
-      coreSources: l.coreSources,
-      avx2Sources: [...l.cpuSources, ...l.coreSources].filter((f) => f.endsWith('_avx2.cpp')),
+      sharedCpuSources: l.sharedCpuSources,
       haveCpu: live('cpu'),
       haveCuda: live('cuda'),
       cudaSources: l.cudaSources,
       cudaArchs: (plan.spec.targets.cuda?.archs ?? []).map((a) => a.replace(/^sm_/, '')),
       cudaMissing: !hasCuda(plan) ? 'the spec has no cuda target' : 'templates/cuda has no .cu sources',
       haveEmu: live('emu'),
-      emuSources: live('emu') ? [...l.emuSources, ...l.emuWrappers] : [],
-      emuWrappers: l.emuWrappers,
-      emuHeader: l.emuHeader,
+      emuSources: live('emu') ? l.emuSources : [],
+      sharedEmuSources: live('emu') ? l.sharedEmuSources : [],
     };
   },
 };
@@ -141,6 +141,7 @@ function renderTarget(env: nunjucks.Environment, root: string, t: TargetRenderer
       return {
         path: t.outPath ? t.outPath(name) : `src/${t.dir}/${name}`,
         content: isTemplate ? renderTemplate(env, root, abs, context) : readFileSync(abs, 'utf8'),
+        verbatim: !isTemplate,
       };
     });
 }
@@ -162,10 +163,13 @@ export function renderSources(plan: KernelPlan, version: string, opts: RenderOpt
   const env = environment(root);
   const render = (t: TargetRenderer, layout: SourceLayout) =>
     t.enabled(plan) ? renderTarget(env, root, t, { plan, version, ...t.context(plan, layout) }) : [];
-  const none: SourceLayout = { files: [], cpuSources: [], coreSources: [], cudaSources: [], emuSources: [], emuHeader: null, emuWrappers: [], backends: [], ops: [] };
+  const none: SourceLayout = { files: [], cpuSources: [], sharedCpuSources: [], cudaSources: [], emuSources: [], sharedEmuSources: [], backends: [], ops: [] };
   const layout = sourceLayout(plan, sourceTargets.flatMap((t) => render(t, none)), loadOpDescriptors(root));
   if (!existsSync(join(root, 'cmake', 'CMakeLists.txt.njk'))) throw new Error(`missing template ${join(root, 'cmake', 'CMakeLists.txt.njk')}`);
   const files = [...layout.files, ...render(addonTarget, layout), ...render(cmakeTarget, layout)];
+  // What compiler/build.ts copies to build the shared libraries once per content: every verbatim source file
+  // (headers included), with qalora.cmake and shared/CMakeLists.txt.
+  files.push({ path: 'shared/inputs.json', content: JSON.stringify({ src: files.filter((f) => f.verbatim && f.path.startsWith('src/')).map((f) => f.path.slice(4)) }, null, 1) + '\n' });
   // cmake-js reads this to know the addon is N-API only (so it downloads no Node headers); "module" lets
   // bindings.ts run as ESM.
   files.push({
@@ -177,33 +181,36 @@ export function renderSources(plan: KernelPlan, version: string, opts: RenderOpt
 
 /** Classifies the rendered sources and decides which backends the addon gets. */
 function sourceLayout(plan: KernelPlan, files: RenderedFile[], ops: OpDescriptor[]): SourceLayout {
-  const under = (dir: string, ext: string) =>
-    files.filter((f) => f.path.startsWith(`src/${dir}/`) && f.path.endsWith(ext)).map((f) => f.path.slice(4));
-  const cpuSources = under('cpu', '.cpp');
-  const cudaSources = hasCuda(plan) ? under('cuda', '.cu') : [];
-  const emuHeader = files.some((f) => f.path === 'src/emu/cuda_emu.h') ? 'emu/cuda_emu.h' : null;
-  const haveCpu = cpuSources.length > 0 && withCpu(plan).length > 0;
+  const under = (dir: string, ext: string) => files.filter((f) => f.path.startsWith(`src/${dir}/`) && f.path.endsWith(ext));
+  const paths = (fs: RenderedFile[]) => fs.map((f) => f.path.slice(4));
+  const cpuFiles = [...under('cpu', '.cpp'), ...under('core', '.cpp')];
+  const cudaFiles = hasCuda(plan) ? under('cuda', '.cu') : [];
+  const cudaSources = paths(cudaFiles);
+  const haveCpu = under('cpu', '.cpp').length > 0 && withCpu(plan).length > 0;
   // A GPU backend without layers still has the core ops and the device memory (a float model on the GPU).
   const haveCuda = cudaSources.length > 0;
-  const haveEmu = haveCuda && emuHeader !== null;
-  // The emulator compiles each .cu as C++: a one-line wrapper per kernels file, built with -include cuda_emu.h.
-  const emuWrappers = haveEmu ? cudaSources.map((f) => `addon/emu_${f.slice('cuda/'.length).replace(/[/.]/g, '_')}.cpp`) : [];
-  const wrappers = emuWrappers.map((w, i) => ({
-    path: `src/${w}`,
-    content: `// Generated: ${cudaSources[i]} built by g++ under the CUDA emulator.\n#include "../${cudaSources[i]}"\n`,
-  }));
+  const haveEmu = haveCuda && files.some((f) => f.path === 'src/emu/cuda_emu.h'); // qalora.cmake -includes it
+  // The emulator compiles each .cu as C++: a one-line wrapper per kernels file, built with -include cuda_emu.h;
+  // a wrapper is as spec-independent as the file it includes.
+  const wrappers: RenderedFile[] = haveEmu
+    ? cudaFiles.map((f) => ({
+        path: `src/addon/emu_${f.path.slice('src/cuda/'.length).replace(/[/.]/g, '_')}.cpp`,
+        content: `// Generated: ${f.path.slice(4)} built by g++ under the CUDA emulator.\n#include "../${f.path.slice(4)}"\n`,
+        verbatim: f.verbatim,
+      }))
+    : [];
+  const emuFiles = [...under('emu', '.cpp'), ...wrappers];
   const backends: SourceLayout['backends'] = [];
   if (haveCpu) backends.push({ name: 'cpu', specializations: withCpu(plan) });
   if (haveCuda) backends.push({ name: 'cuda', specializations: withCuda(plan) });
   if (haveEmu) backends.push({ name: 'emu', specializations: withCuda(plan) });
   return {
     files: [...files, ...wrappers],
-    cpuSources,
-    coreSources: under('core', '.cpp'),
+    cpuSources: paths(cpuFiles.filter((f) => !f.verbatim)),
+    sharedCpuSources: paths(cpuFiles.filter((f) => f.verbatim)),
     cudaSources,
-    emuSources: under('emu', '.cpp'),
-    emuHeader,
-    emuWrappers,
+    emuSources: paths(emuFiles.filter((f) => !f.verbatim)),
+    sharedEmuSources: paths(emuFiles.filter((f) => f.verbatim)),
     backends,
     ops,
   };

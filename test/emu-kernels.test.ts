@@ -16,16 +16,16 @@ import * as ref from '../runtime/reference/qalora.ts';
 import { newScales, scaleValues } from '../runtime/model/scales.ts';
 import {
   absLayer, compare, type ActData, emptyAct, gridId, kernelGrid, layerData, type LayerData, randomAct, randomF32, randoms, storeEps,
-  type GridCase,
+  type GridCase, GRID_LOAD,
 } from './kernel-grid.ts';
 
-const grid = kernelGrid({ targets: { cpu: true, cuda: { archs: ['sm_80'] } }, name: 'kernel-grid-emu' });
+const grid = kernelGrid();
 let emu: Record<string, KernelSet>;
 let cpu: Record<string, KernelSet>;
 let plan: KernelPlan;
 
 beforeAll(async () => {
-  const k = await loadKernels(grid.spec, { jobs: 2, noCuda: true });
+  const k = await loadKernels(grid.spec, GRID_LOAD);
   expect(k.backends()).toContain('emu');
   emu = k.kernels.emu!;
   cpu = k.kernels.cpu!;

@@ -73,17 +73,20 @@ function gridKeys(): GridKey[] {
   return keys;
 }
 
+/** How the CPU and emulator suites load the default grid: the emulator needs no nvcc, so none runs. */
+export const GRID_LOAD = { jobs: 2, noCuda: true } as const;
+
 export const gridId = (k: GridKey): string => `b${k.bits}_g${k.group}_${k.dtype}_${k.pool}${k.scales === 'fp16' ? '_s16' : ''}`;
 
 /**
  * The grid spec and its cases. Each specialization gets two cases; (M, rank) pairs rotate over the grid so that
  * every bits value meets every M and every rank, and each dtype meets M = 1 and M > 64.
- * `targets` defaults to cpu only; CUDA/emulator suites pass theirs (the spec name follows, so the generated
- * folders of different suites never collide).
+ * `targets` defaults to the CPU and the emulator's sm_80, one addon the CPU and emulator suites share (loaded with
+ * GRID_LOAD); the nvcc suite passes its own (the spec name follows, so the generated folders never collide).
  */
 export function kernelGrid(opts: { targets?: Targets; name?: string } = {}): KernelGrid {
-  const targets: Targets = opts.targets ?? { cpu: true, cuda: null };
-  const name = opts.name ?? (targets.cuda ? 'kernel-grid-cuda' : 'kernel-grid');
+  const targets: Targets = opts.targets ?? { cpu: true, cuda: { archs: ['sm_80'] } };
+  const name = opts.name ?? (opts.targets ? 'kernel-grid-cuda' : 'kernel-grid');
   const keys = gridKeys();
   const layers: ResolvedLayer[] = keys.map((k, i) => ({
     ...k,

@@ -8,14 +8,14 @@ import { decodeAct } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
 import { newScales, scaleValues } from '../runtime/model/scales.ts';
 import {
-  absLayer, compare, type ActData, emptyAct, gridId, kernelGrid, layerData, randomAct, randomF32, randoms, storeEps, type GridCase,
+  absLayer, compare, type ActData, emptyAct, gridId, kernelGrid, layerData, randomAct, randomF32, randoms, storeEps, type GridCase, GRID_LOAD,
 } from './kernel-grid.ts';
 
 const grid = kernelGrid();
 let cpu: Record<string, KernelSet>;
 
 beforeAll(async () => {
-  const k = await loadKernels(grid.spec, { jobs: 2 });
+  const k = await loadKernels(grid.spec, GRID_LOAD);
   cpu = k.kernels.cpu!;
   expect(Object.keys(cpu).sort()).toEqual(grid.keys.map(gridId).sort());
   for (const key of grid.keys) expect(cpu[gridId(key)].scales).toBe(key.scales);

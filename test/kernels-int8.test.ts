@@ -7,13 +7,13 @@ import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loadKernels, type KernelSet, type LayerCallArgs } from '../runtime/native.ts';
 import { decodeAct } from '../runtime/reference/numeric.ts';
 import * as ref from '../runtime/reference/qalora.ts';
-import { absLayer, type ActData, compare, emptyAct, gridId, kernelGrid, layerData, randomAct, randoms, storeEps, type GridCase } from './kernel-grid.ts';
+import { absLayer, type ActData, compare, emptyAct, gridId, kernelGrid, layerData, randomAct, randoms, storeEps, type GridCase, GRID_LOAD } from './kernel-grid.ts';
 
 const grid = kernelGrid();
 let cpu: Record<string, KernelSet>;
 
 beforeAll(async () => {
-  cpu = (await loadKernels(grid.spec, { jobs: 2 })).kernels.cpu!;
+  cpu = (await loadKernels(grid.spec, GRID_LOAD)).kernels.cpu!;
 });
 
 afterEach(() => {
