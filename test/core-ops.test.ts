@@ -199,28 +199,34 @@ describe('core ops', () => {
   });
 
   it('RMSNorm forward and backward', () => {
-    const rows = 5, dim = 24, eps = 1e-5;
-    const x = rand(rows * dim, 10, 2), w = rand(dim, 11), dy = rand(rows * dim, 12);
-    const y = new Float32Array(rows * dim), rstd = new Float32Array(rows), dx = new Float32Array(rows * dim);
-    core.rmsnorm_forward(x, w, y, rstd, rows, dim, eps);
-    expect(maxAbsDiff(y, refRmsnorm(f64(x), w, rows, dim, eps))).toBeLessThan(2e-6);
-    core.rmsnorm_backward(x, w, rstd, dy, dx, rows, dim);
-    const num = numericGrad((xx) => refRmsnorm(xx, w, rows, dim, eps), f64(x), dy);
-    expect(maxAbsDiff(dx, num)).toBeLessThan(2e-5);
+    // Rows go eight at a time (a lane each): fewer than eight, a second group that is partial, and a dim that
+    // ends inside a block of eight.
+    for (const [rows, dim] of [[5, 24], [19, 13], [9, 40]]) {
+      const eps = 1e-5;
+      const x = rand(rows * dim, 10, 2), w = rand(dim, 11), dy = rand(rows * dim, 12);
+      const y = new Float32Array(rows * dim), rstd = new Float32Array(rows), dx = new Float32Array(rows * dim);
+      core.rmsnorm_forward(x, w, y, rstd, rows, dim, eps);
+      expect(maxAbsDiff(y, refRmsnorm(f64(x), w, rows, dim, eps))).toBeLessThan(2e-6);
+      core.rmsnorm_backward(x, w, rstd, dy, dx, rows, dim);
+      const num = numericGrad((xx) => refRmsnorm(xx, w, rows, dim, eps), f64(x), dy);
+      expect(maxAbsDiff(dx, num)).toBeLessThan(2e-5);
+    }
   });
 
   it('RoPE forward (Meta pairs and HF rotate-half) and backward', () => {
-    const rows = 6, heads = 3, hd = 8, theta = 10000;
-    const pos = Int32Array.from([0, 1, 5, 17, 100, 511]);
-    for (const half of [false, true]) {
-      const x = rand(rows * heads * hd, 20), y = x.slice();
-      core.rope_forward(y, pos, rows, heads, hd, theta, half);
-      expect(maxAbsDiff(y, refRope(f64(x), pos, rows, heads, hd, theta, half))).toBeLessThan(1e-5);
-      const dy = rand(rows * heads * hd, 21), dx = dy.slice();
-      core.rope_backward(dx, pos, rows, heads, hd, theta, half);
-      const num = numericGrad((xx) => refRope(xx, pos, rows, heads, hd, theta, half), f64(x), dy);
-      expect(maxAbsDiff(dx, num)).toBeLessThan(1e-5);
-    }
+    const heads = 3, hd = 8, theta = 10000;
+    // Scattered positions (angles per row), and a batch that repeats them (angles per position, once).
+    for (const pos of [Int32Array.from([0, 1, 5, 17, 100, 511]), Int32Array.from([7, 8, 9, 10, 7, 8, 9, 10, 9])])
+      for (const half of [false, true]) {
+        const rows = pos.length;
+        const x = rand(rows * heads * hd, 20), y = x.slice();
+        core.rope_forward(y, pos, rows, heads, hd, theta, half);
+        expect(maxAbsDiff(y, refRope(f64(x), pos, rows, heads, hd, theta, half))).toBeLessThan(1e-5);
+        const dy = rand(rows * heads * hd, 21), dx = dy.slice();
+        core.rope_backward(dx, pos, rows, heads, hd, theta, half);
+        const num = numericGrad((xx) => refRope(xx, pos, rows, heads, hd, theta, half), f64(x), dy);
+        expect(maxAbsDiff(dx, num)).toBeLessThan(1e-5);
+      }
     // The layouts differ: a Meta rotation is not an HF one.
     const x = rand(heads * hd, 22), a = x.slice(), b = x.slice(), p = Int32Array.from([3]);
     core.rope_forward(a, p, 1, heads, hd, theta, false);

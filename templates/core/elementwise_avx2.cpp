@@ -10,6 +10,8 @@
 #include "exp_avx2.h"
 #include "qalora_common.h"
 #include "cpu/threadpool.h"
+#define QL_ISA_NS avx2
+#include "cpu/vec8.h"
 
 namespace qalora::core {
 namespace {
@@ -57,32 +59,86 @@ void embedding_backward(const int32_t* ids, const float* dout, float* dtable, in
   });
 }
 
+namespace {
+using cpu_isa::avx2::f8;
+
+/// Eight rows of a [rows, dim] matrix, read a column block at a time with a lane per row. Rows past the end
+/// repeat the first, and their lanes are ignored.
+struct Rows8 {
+  const float* p[8];
+  Rows8(const float* m, int64_t r0, int64_t rows, int64_t dim) {
+    for (int j = 0; j < 8; j++) p[j] = m + (r0 + j < rows ? r0 + j : r0) * dim;
+  }
+  /// c[t] ← column i + t of the eight rows, for t < n ≤ 8.
+  void columns(int64_t i, int64_t n, f8 c[8]) const {
+    if (n == 8) {
+      for (int j = 0; j < 8; j++) c[j] = cpu_isa::avx2::f8_load(p[j] + i);
+    } else {
+      alignas(32) float t[8][8] = {};
+      for (int j = 0; j < 8; j++) std::memcpy(t[j], p[j] + i, sizeof(float) * n);
+      for (int j = 0; j < 8; j++) c[j] = cpu_isa::avx2::f8_load(t[j]);
+    }
+    cpu_isa::avx2::f8_transpose8(c);
+  }
+};
+
+/// A product kept rounded on its own: the compiler may not fuse it into the add that follows.
+inline __m256 rounded(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+/// Per row, Σ_i term(column i) with the products rounded and added in index order, as the scalar loop
+/// `s += a[i]·b[i]` computes it — eight rows side by side, a lane each, so each lane is bit for bit that row's
+/// sum. A row alone is a chain of dependent adds, one add's latency per element; eight chains overlap.
+template <class Term>
+inline void ordered_row_sums(int64_t dim, const Rows8& a, const Rows8* b, Term term, float out[8]) {
+  __m256 acc = _mm256_setzero_ps();
+  f8 ca[8], cb[8];
+  for (int64_t i = 0; i < dim; i += 8) {
+    const int64_t n = std::min<int64_t>(8, dim - i);
+    a.columns(i, n, ca);
+    if (b) b->columns(i, n, cb);
+    for (int64_t t = 0; t < n; t++) acc = _mm256_add_ps(acc, rounded(term(i + t, ca[t].v, cb[t].v)));
+  }
+  _mm256_storeu_ps(out, acc);
+}
+}  // namespace
+
 void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t dim, float eps) {
-  cpu_rt::parallel_range(rows, row_grain(dim), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; r++) {
-      const float* xr = x + r * dim;
-      float ss = 0.f;
-      for (int64_t i = 0; i < dim; i++) ss += xr[i] * xr[i];
-      const float s = 1.0f / std::sqrt(ss / (float)dim + eps);
-      rstd[r] = s;
-      float* yr = y + r * dim;
-      for (int64_t i = 0; i < dim; i++) yr[i] = w[i] * (s * xr[i]);
+  cpu_rt::parallel_range((rows + 7) / 8, std::max<int64_t>(1, row_grain(dim) / 8), [&](int64_t b, int64_t e) {
+    for (int64_t r0 = 8 * b; r0 < std::min(rows, 8 * e); r0 += 8) {
+      float ss[8];
+      ordered_row_sums(dim, Rows8(x, r0, rows, dim), nullptr, [](int64_t, __m256 v, __m256) { return _mm256_mul_ps(v, v); }, ss);
+      for (int64_t r = r0; r < std::min(rows, r0 + 8); r++) {
+        const float* xr = x + r * dim;
+        const float s = 1.0f / std::sqrt(ss[r - r0] / (float)dim + eps);
+        rstd[r] = s;
+        float* yr = y + r * dim;
+        for (int64_t i = 0; i < dim; i++) yr[i] = w[i] * (s * xr[i]);
+      }
     }
   });
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int64_t rows,
                       int64_t dim) {
-  cpu_rt::parallel_range(rows, row_grain(dim), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; r++) {
-      const float* xr = x + r * dim;
-      const float* dyr = dy + r * dim;
-      const float s = rstd[r];
-      float dot = 0.f;
-      for (int64_t i = 0; i < dim; i++) dot += dyr[i] * w[i] * xr[i];
-      const float c = dot * s * s * s / (float)dim;
-      float* dxr = dx + r * dim;
-      for (int64_t i = 0; i < dim; i++) dxr[i] = s * w[i] * dyr[i] - c * xr[i];
+  cpu_rt::parallel_range((rows + 7) / 8, std::max<int64_t>(1, row_grain(dim) / 8), [&](int64_t b, int64_t e) {
+    for (int64_t r0 = 8 * b; r0 < std::min(rows, 8 * e); r0 += 8) {
+      float dot[8];
+      const Rows8 dys(dy, r0, rows, dim);
+      const Rows8 xs(x, r0, rows, dim);
+      ordered_row_sums(dim, dys, &xs, [w](int64_t i, __m256 d, __m256 xv) {
+        return _mm256_mul_ps(rounded(_mm256_mul_ps(d, _mm256_broadcast_ss(w + i))), xv);
+      }, dot);
+      for (int64_t r = r0; r < std::min(rows, r0 + 8); r++) {
+        const float* xr = x + r * dim;
+        const float* dyr = dy + r * dim;
+        const float s = rstd[r];
+        const float c = dot[r - r0] * s * s * s / (float)dim;
+        float* dxr = dx + r * dim;
+        for (int64_t i = 0; i < dim; i++) dxr[i] = s * w[i] * dyr[i] - c * xr[i];
+      }
     }
   });
 }
@@ -94,14 +150,32 @@ void rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t hea
   const int64_t half = head_dim / 2;
   std::vector<float> inv_freq(half);
   for (int64_t j = 0; j < half; j++) inv_freq[j] = 1.0f / std::pow(theta, (float)(2 * j) / (float)head_dim);
-  cpu_rt::parallel_range(rows, row_grain(heads * head_dim * 8), [&](int64_t b, int64_t e) {
-    std::vector<float> cs(half), sn(half);
+  // cos and sin once per position, not per row: a training batch repeats its positions once per sequence.
+  // (The same expressions either way, so the same bits.)
+  int64_t p0 = 0, p1 = -1;
+  if (rows > 0) {
+    const auto [lo, hi] = std::minmax_element(pos, pos + rows);
+    p0 = *lo, p1 = *hi;
+  }
+  const bool table = p1 - p0 + 1 <= rows;
+  std::vector<float> cs_all(table ? (size_t)((p1 - p0 + 1) * half) : 0), sn_all(cs_all.size());
+  const auto angles = [&](int64_t p, float* cs, float* sn) {
+    for (int64_t j = 0; j < half; j++) {
+      const float a = (float)p * inv_freq[j];
+      cs[j] = std::cos(a);
+      sn[j] = sign * std::sin(a);
+    }
+  };
+  if (table)
+    cpu_rt::parallel_range(p1 - p0 + 1, row_grain(half * 32), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; p++) angles(p0 + p, cs_all.data() + p * half, sn_all.data() + p * half);
+    });
+  cpu_rt::parallel_range(rows, row_grain(heads * head_dim * (table ? 1 : 8)), [&](int64_t b, int64_t e) {
+    std::vector<float> row_cs(table ? 0 : half), row_sn(table ? 0 : half);
     for (int64_t r = b; r < e; r++) {
-      for (int64_t j = 0; j < half; j++) {
-        const float a = (float)pos[r] * inv_freq[j];
-        cs[j] = std::cos(a);
-        sn[j] = sign * std::sin(a);
-      }
+      const float* cs = table ? cs_all.data() + (pos[r] - p0) * half : row_cs.data();
+      const float* sn = table ? sn_all.data() + (pos[r] - p0) * half : row_sn.data();
+      if (!table) angles(pos[r], row_cs.data(), row_sn.data());
       for (int64_t h = 0; h < heads; h++) {
         float* v = x + (r * heads + h) * head_dim;
         for (int64_t j = 0; j < half; j++) {
