@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -13,6 +14,37 @@ namespace {
 
 thread_local bool inside_task = false;
 
+/// How long a thread polls for the next job (a worker) or for the others to finish (the caller) before it
+/// sleeps on a condition variable. A decoded token is a few hundred short jobs with a little JS between them;
+/// waking a sleeping thread is a futex and, on a VM, an idle vCPU brought back — tens of µs a job, during
+/// which the job runs on one core. QALORA_SPIN_US overrides it (0: always sleep).
+std::chrono::nanoseconds spin_time() {
+  static const std::chrono::nanoseconds t = [] {
+    const char* env = std::getenv("QALORA_SPIN_US");
+    return std::chrono::microseconds(env ? std::max(0, std::atoi(env)) : 200);
+  }();
+  return t;
+}
+
+/// Polls ready() until it holds (true) or the spin time has passed (false). Yields now and then, so a
+/// poller gives its core to a runnable thread of another process instead of holding it.
+template <class Ready>
+bool spin_until(Ready ready) {
+  const auto limit = spin_time();
+  if (limit.count() == 0) return ready();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 1;; i++) {
+    if (ready()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+    if (i % 64 == 0) {
+      if (std::chrono::steady_clock::now() - start > limit) return ready();
+      std::this_thread::yield();
+    }
+  }
+}
+
 class Pool {
  public:
   explicit Pool(int threads) {
@@ -22,6 +54,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -35,13 +68,15 @@ class Pool {
       body_ = &body;
       tasks_ = tasks;
       next_.store(0);
-      active_ = (int)workers_.size();
-      generation_++;
+      active_.store((int)workers_.size());
+      generation_.fetch_add(1, std::memory_order_release);  // publishes the job to polling workers
     }
     wake_.notify_all();
     drain();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_ == 0; });
+    if (!spin_until([this] { return active_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return active_.load(std::memory_order_acquire) == 0; });
+    }
     body_ = nullptr;
   }
 
@@ -54,15 +89,18 @@ class Pool {
   void work() {
     uint64_t seen = 0;
     for (;;) {
-      {
+      const auto posted = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(posted)) {
         std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        wake_.wait(lock, posted);
       }
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_) return;
       drain();
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--active_ == 0) done_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);  // the caller checks active_ under it before it sleeps
+        done_.notify_one();
+      }
     }
   }
 
@@ -72,8 +110,8 @@ class Pool {
   const std::function<void(int64_t)>* body_ = nullptr;
   int64_t tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
 };
 
