@@ -16,14 +16,19 @@ find_package(Threads REQUIRED)
 set(QL_SRC ${CMAKE_CURRENT_SOURCE_DIR}/src)
 set(QL_INCLUDES ${QL_SRC} ${QL_SRC}/common)
 
-# The *_avx2.cpp sources of TARGET are its AVX2/FMA/F16C builds, picked at run time (cpu/dispatch.h).
-function(qalora_cpu_flags target)
+# The sources of TARGET whose path matches PATTERN get the compile options OPTIONS (a ;-list).
+function(qalora_source_options target pattern options)
   get_target_property(sources ${target} SOURCES)
   foreach(f IN LISTS sources)
-    if(f MATCHES "_avx2\\.cpp$")
-      set_source_files_properties(${f} PROPERTIES COMPILE_OPTIONS "-mavx2;-mfma;-mf16c")
+    if(f MATCHES "${pattern}")
+      set_source_files_properties(${f} PROPERTIES COMPILE_OPTIONS "${options}")
     endif()
   endforeach()
+endfunction()
+
+# The *_avx2.cpp sources of TARGET are its AVX2/FMA/F16C builds, picked at run time (cpu/dispatch.h).
+function(qalora_cpu_flags target)
+  qalora_source_options(${target} "_avx2\\.cpp$" "-mavx2;-mfma;-mf16c")
 endfunction()
 
 # The CUDA emulation builds the .cu files with g++ against emu/ (QALORA_EMU). It needs the toolkit's headers
@@ -42,12 +47,7 @@ function(qalora_emu_flags target)
   target_compile_definitions(${target} PRIVATE QALORA_EMU)
   target_compile_options(${target} PRIVATE -Wno-unknown-pragmas)
   target_link_libraries(${target} PRIVATE Threads::Threads)
-  get_target_property(sources ${target} SOURCES)
-  foreach(f IN LISTS sources)
-    if(f MATCHES "/addon/emu_[^/]*\\.cpp$")
-      set_source_files_properties(${f} PROPERTIES COMPILE_OPTIONS "-include;${QL_SRC}/emu/cuda_emu.h;-fsanitize=alignment;-fno-sanitize-recover=alignment")
-    endif()
-  endforeach()
+  qalora_source_options(${target} "/addon/emu_[^/]*\\.cpp$" "-include;${QL_SRC}/emu/cuda_emu.h;-fsanitize=alignment;-fno-sanitize-recover=alignment")
 endfunction()
 
 # The spec-independent SOURCES go into TARGET, unless compiler/build.ts passed the archive it built from the
