@@ -1,11 +1,13 @@
 // The native path with scratch templates: render → cmake-js build → load; argument checking in the generated
-// wrappers; the build cache (a second build does not run cmake); the build lock under two concurrent
+// wrappers; the build cache (a second build does not run cmake); the spec-independent library two specs share;
+// the build lock under two concurrent
 // builders in separate processes; and, with nvcc, a CUDA-enabled addon that loads without a GPU.
 import { spawn, spawnSync } from 'node:child_process';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BuildError, buildAddon } from '../compiler/build.ts';
+import { compileAndBuild } from '../compiler/index.ts';
 import { loadKernels, type NativeKernels } from '../runtime/native.ts';
 import { layer, scratchTemplates, spec, tempDir, removeTempDirs } from './compiler-helpers.ts';
 import { repoRoot } from './fixtures.ts';
@@ -112,6 +114,24 @@ describe('native addon from scratch templates', () => {
     // An unchanged compile rewrites nothing, so the cache still hits after it.
     const again = await loadKernels(scratchSpec, { templateRoot: scratchTemplates(), outDir });
     expect(again.cached).toBe(true);
+  });
+});
+
+describe('spec-independent sources, built once per content', () => {
+  it('two specs link one archive, built by the first; a build told not to use it compiles those sources itself', async () => {
+    const root = scratchTemplates(), cache = tempDir('shared-cache');
+    const build = (name: string, bits: 2 | 3 | 4, sharedCache: string | false) =>
+      compileAndBuild(spec(name, [layer('q', { bits })]), tempDir(name), { templateRoot: root, sharedCache, bindings: false });
+    const a = await build('shared_a', 4, cache), b = await build('shared_b', 3, cache), c = await build('shared_c', 2, false);
+    expect(a.built.shared).toEqual({ dir: expect.stringContaining(cache), cached: false });
+    expect(b.built.shared).toEqual({ dir: a.built.shared!.dir, cached: true });
+    expect(c.built.shared).toBeNull();
+    // templates/core/scratch.cpp is verbatim, so it is the archive's: each addon still runs it.
+    for (const r of [a, b, c]) {
+      const k = await loadKernels(r.compiled.plan.spec, { templateRoot: root, outDir: r.compiled.dir, sharedCache: r === c ? false : cache });
+      expect(k.cached).toBe(true);
+      expect((k.core as unknown as Record<'sum_f32', (x: Float32Array, n: number) => number>).sum_f32(new Float32Array([1, 2, 3.5]), 3)).toBe(6.5);
+    }
   });
 });
 
