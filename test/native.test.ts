@@ -1,7 +1,7 @@
 // The native path with scratch templates: render → cmake-js build → load; argument checking in the generated
 // wrappers; the build cache (a second build does not run cmake); the spec-independent library two specs share;
-// the build lock under two concurrent
-// builders in separate processes; and, with nvcc, a CUDA-enabled addon that loads without a GPU.
+// the build lock under two concurrent builders in separate processes; and, with nvcc, a CUDA-enabled addon that
+// loads without a GPU.
 import { spawn, spawnSync } from 'node:child_process';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
