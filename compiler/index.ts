@@ -3,7 +3,6 @@
 // unchanged spec leaves every mtime (and therefore the native build) alone.
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { ResolvedSpec } from '../dsl/resolved.ts';
 import { emitBindings } from './bindings.ts';
 import { buildAddon, generatedRoot, withBuildLock, type BuildOptions, type BuildResult } from './build.ts';
