@@ -94,7 +94,7 @@ inline __m256 rounded(__m256 v) {
 template <class Term>
 inline void ordered_row_sums(int64_t dim, const Rows8& a, const Rows8* b, Term term, float out[8]) {
   __m256 acc = _mm256_setzero_ps();
-  f8 ca[8], cb[8];
+  f8 ca[8], cb[8] = {};  // cb stays zero without b: the term ignores it
   for (int64_t i = 0; i < dim; i += 8) {
     const int64_t n = std::min<int64_t>(8, dim - i);
     a.columns(i, n, ca);

@@ -129,6 +129,20 @@ inline void for_each_block(const QuantView<S>& w, int64_t i0, int64_t n, Body&& 
   for (int64_t i = i0; i < i0 + n; i += 32) body(i, groups.next());
 }
 
+/// Nibble J of every lane as a float, 0 … 15 (the top one shifted down alone: no mask needed).
+template <int J>
+inline f8 nibble_f8(u8v v) {
+  if constexpr (J == 7) return u8_to_f8(u8_shr_imm<28>(v));
+  else if constexpr (J == 0) return u8_to_f8(u8_and(v, 15u));
+  else return u8_to_f8(u8_and(u8_shr_imm<4 * J>(v), 15u));
+}
+
+/// out[J·NR ..] ← α·(nibble J of v) + β for the eight nibbles: one word per lane dequantized into eight rows.
+template <int... J>
+inline void store_nibbles(u8v v, f8 alpha, f8 beta, float* out, std::integer_sequence<int, J...>) {
+  (f8_store(out + J * NR, f8_fma(nibble_f8<J>(v), alpha, beta)), ...);
+}
+
 /// Ŵ[o .. o+8, i] for i in [i0, i0 + 64t) into dst[(i − i0)·NR + r], 4 bits: each row's eight words (64 inputs)
 /// are loaded once and transposed as integers, so word t of all eight rows is one vector and its nibble j is
 /// input 8t + j of rows o .. o+7, in the slice's layout: no float transposes, one shift, mask and convert per
@@ -155,15 +169,7 @@ inline int64_t pack_rows8_q4(const QuantView<S>& w, int64_t o, int64_t i0, int64
         av = f8_load(a8);
         bv = f8_load(b8);
       }
-      float* out = dst + (64 * p + 8 * t) * NR;
-      f8_store(out, f8_fma(u8_to_f8(u8_and(words[t], 15u)), av, bv));
-      f8_store(out + 1 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<4>(words[t]), 15u)), av, bv));
-      f8_store(out + 2 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<8>(words[t]), 15u)), av, bv));
-      f8_store(out + 3 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<12>(words[t]), 15u)), av, bv));
-      f8_store(out + 4 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<16>(words[t]), 15u)), av, bv));
-      f8_store(out + 5 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<20>(words[t]), 15u)), av, bv));
-      f8_store(out + 6 * NR, f8_fma(u8_to_f8(u8_and(u8_shr_imm<24>(words[t]), 15u)), av, bv));
-      f8_store(out + 7 * NR, f8_fma(u8_to_f8(u8_shr_imm<28>(words[t])), av, bv));
+      store_nibbles(words[t], av, bv, dst + (64 * p + 8 * t) * NR, std::make_integer_sequence<int, 8>{});
     }
   }
   return 64 * spans;
